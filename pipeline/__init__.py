@@ -1,0 +1,1 @@
+"""pipeline: PyTorch -> ONNX -> TVM compiler for MLP-style vision models."""

@@ -1,0 +1,109 @@
+"""The compile driver: the one place that lists the stages, in order."""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import targets
+from .errors import OutputDirError, UnknownTarget
+from .spec import BuildSpec
+
+# Called with (stage, None) when a stage starts and (stage, seconds) when it ends.
+StageListener = Callable[[str, float | None], None]
+
+
+def default_out_dir(spec: BuildSpec) -> Path:
+    suffix = f"-b{spec.batch}" if spec.batch != 1 else ""
+    return Path("artifacts") / f"{spec.model}-{spec.target}{suffix}"
+
+
+@contextlib.contextmanager
+def staging_dir(out: Path) -> Iterator[Path]:
+    """A temporary sibling of ``out`` that replaces it only once everything inside is written.
+
+    A crash or Ctrl-C removes it; a kill -9 leaves a hidden ``.NAME.partial-*`` without a
+    manifest, never something that looks like a finished artifact.
+    """
+    if out.exists() and any(out.iterdir()) and not (out / "manifest.json").is_file():
+        raise OutputDirError(f"{out} exists and is not an artifact; choose another --out or empty it")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as e:
+        raise OutputDirError(f"cannot write to {out.parent}: {e.strerror}; choose another --out") from None
+    try:
+        yield work
+        os.chmod(work, 0o755)  # mkdtemp makes it 0700
+        if out.exists():  # replace an older artifact: move it aside first so `out` is never half-written
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(work, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(work, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _timed(stage: str, timings: dict[str, float], listener: StageListener) -> Iterator[None]:
+    listener(stage, None)
+    start = time.perf_counter()
+    yield
+    timings[stage] = time.perf_counter() - start
+    listener(stage, timings[stage])
+
+
+def compile_model(spec: BuildSpec, out: Path | None = None, listener: StageListener = lambda *_: None) -> tuple[Path, dict]:
+    """Run every stage for ``spec``; return the artifact directory and its manifest."""
+    # Heavy imports here, so `list-models` and `--help` stay fast.
+    from .stages.build import build
+    from .stages.export import export_onnx
+    from .stages.model import load_model
+    from .stages.optimize import optimize
+    from .stages.package import write_artifact
+    from .stages.reference import INPUT_NAME, OUTPUT_NAMES, make_inputs, run_torch
+    from .stages.relax_import import import_onnx
+    from .stages.simplify import simplify_onnx
+    from .stages.verify import run_onnxruntime, verify
+    from .runtime import run_library
+
+    try:
+        target = targets.get_target(spec.target)
+    except targets.UnknownTargetError as e:
+        raise UnknownTarget(str(e)) from None
+    out = out or default_out_dir(spec)
+    timings: dict[str, float] = {}
+    stage = lambda name: _timed(name, timings, listener)  # noqa: E731
+
+    with staging_dir(out) as work:
+        with stage("load model"):
+            model, cfg, weights = load_model(spec.model, spec.weights, spec.seed)
+        with stage("reference"):
+            inputs = make_inputs(cfg, spec.batch, spec.seed)
+            reference = run_torch(model, inputs)
+        with stage("export onnx"):
+            export_onnx(model, inputs, OUTPUT_NAMES, cfg.opset, work / "model.onnx")
+        with stage("simplify"):
+            simplify_onnx(work / "model.onnx", work / "model.sim.onnx")
+        with stage("import relax"):
+            mod, params = import_onnx(work / "model.sim.onnx", {INPUT_NAME: inputs[INPUT_NAME].shape})
+        with stage("optimize"):
+            mod, params, passes = optimize(mod, params, target)
+        with stage("build"):
+            build(mod, target, work / "lib.so")
+        with stage("verify"):
+            candidates = {"onnxruntime": run_onnxruntime(work / "model.sim.onnx", inputs)}
+            if target.runs_on_build_host:
+                candidates["tvm"] = run_library(work / "lib.so", target.device, params, inputs, OUTPUT_NAMES)
+            checks = verify(reference, candidates, cfg.atol, cfg.rtol)
+        with stage("package"):
+            manifest = write_artifact(work, model_name=spec.model, cfg=cfg, batch=spec.batch, weights=weights,
+                                      target=target, inputs=inputs, reference=reference, params=params,
+                                      checks=checks, passes=passes, timings=timings)
+    return out, manifest

@@ -1,0 +1,34 @@
+"""What a compile is asked to do, and the canonical hashing used by manifests."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+MANIFEST_SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    model: str
+    target: str
+    batch: int = 1
+    weights: Path | None = None  # a state_dict checkpoint; None means seeded random weights
+    seed: int = 0  # seeds random weights and the reference inputs
+
+
+def canonical_json(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,54 @@
+"""Stage: compare every runtime's outputs against the PyTorch reference."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from ..errors import DegenerateReference, OutputCheck, VerificationFailed
+
+
+def run_onnxruntime(path: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, inputs), strict=True))
+
+
+def compare(name: str, actual: np.ndarray, expected: np.ndarray, atol: float, rtol: float) -> OutputCheck:
+    """Pass iff |actual - expected| <= atol + rtol * |expected| everywhere (numpy.allclose).
+
+    max_rel divides by max(|expected|, atol) so near-zero references do not blow it up.
+    """
+    if actual.shape != expected.shape:
+        return OutputCheck(name, tuple(actual.shape), float("inf"), float("inf"), atol, rtol, False)
+    diff = np.abs(actual.astype(np.float64) - expected.astype(np.float64))
+    magnitude = np.abs(expected.astype(np.float64))
+    passed = bool(np.all(diff <= atol + rtol * magnitude)) and bool(np.all(np.isfinite(actual)))
+    max_abs = float(np.max(diff)) if diff.size else 0.0
+    max_rel = float(np.max(diff / np.maximum(magnitude, atol))) if diff.size else 0.0
+    return OutputCheck(name, tuple(expected.shape), max_abs, max_rel, atol, rtol, passed)
+
+
+def check_reference_varies(reference: dict[str, np.ndarray]) -> None:
+    """A constant reference (e.g. a zero classifier head) would let any comparison pass."""
+    flat = [name for name, v in reference.items() if v.size < 2 or float(np.ptp(v)) == 0.0]
+    if flat:
+        raise DegenerateReference(
+            f"reference output(s) {', '.join(flat)} are constant, so the numerics check could not fail; "
+            "re-draw the zero-initialised weights or load a real checkpoint")
+
+
+def verify(reference: dict[str, np.ndarray], candidates: dict[str, dict[str, np.ndarray]],
+           atol: float, rtol: float) -> list[OutputCheck]:
+    """Check every output of every candidate runtime; raise one error listing all failures."""
+    check_reference_varies(reference)
+    checks = [
+        compare(f"{runtime}/{name}", outputs.get(name, np.empty(0)), expected, atol, rtol)
+        for runtime, outputs in candidates.items()
+        for name, expected in reference.items()
+    ]
+    failures = [c for c in checks if not c.passed]
+    if failures:
+        raise VerificationFailed(failures)
+    return checks

@@ -1,0 +1,35 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+import models
+import targets
+from pipeline.run import compile_model
+from pipeline.spec import BuildSpec
+
+TEST_MODELS = models.list_models("test_*")
+FULL_SIZE_MODELS = models.list_models(include_test=False)
+# The one full-size model the default suite compiles end to end; the rest run under -m slow.
+DEFAULT_FULL_SIZE = "cyclemlp_b1"
+HOST_TARGETS = [t.name for t in targets.list_targets() if t.runs_on_build_host]
+
+
+def run_cli(*args: str, **kwargs):
+    import subprocess
+
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def compiled(tmp_path_factory):
+    """Compile (model, target) once per session; returns (artifact dir, manifest)."""
+    cache: dict[tuple[str, str], tuple[Path, dict]] = {}
+
+    def get(model: str, target: str = "x86") -> tuple[Path, dict]:
+        if (model, target) not in cache:
+            out = tmp_path_factory.mktemp("artifacts") / f"{model}-{target}"
+            cache[(model, target)] = compile_model(BuildSpec(model=model, target=target), out)
+        return cache[(model, target)]
+
+    return get

@@ -1,0 +1,1 @@
+"""Hand-written TensorIR schedules for operators the default TVM lowering handles poorly."""

@@ -1,0 +1,1 @@
+"""Relax rewrite passes, one per file."""

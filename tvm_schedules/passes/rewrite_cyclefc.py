@@ -1,0 +1,179 @@
+"""Replace CycleFC's export form with a call to our CycleFC kernel.
+
+CycleFC exports as standard ONNX (see models/cyclemlp.py): a depthwise conv whose constant
+kernel is the one-hot cyclic shift, then a 1x1 conv and a bias add, usually between an
+NHWC->NCHW and an NCHW->NHWC transpose. After import that is
+
+    xt = permute_dims(x, [0, 3, 1, 2])                      (optional)
+    s  = conv2d(xt, ONE_HOT, groups=C, padding=k//2)
+    y  = conv2d(s, W)                    W: (O, C, 1, 1) weight parameter
+    z  = add(y, reshape(b, [1, O, 1, 1]))                   (optional)
+    o  = permute_dims(z, [0, 2, 3, 1])                      (optional)
+
+and becomes one ``call_tir`` of the NHWC kernel on x with W transposed to (C, O), absorbing the
+transposes it can. A depthwise conv whose kernel is not exactly the cyclic one-hot shift, or any
+chain that differs, is left alone for TVM's default lowering.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from ..cyclefc import cyclefc_primfunc, schedule_cyclefc
+
+_CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
+_PERMUTE = tvm.ir.Op.get("relax.permute_dims")
+_ADD = tvm.ir.Op.get("relax.add")
+_RESHAPE = tvm.ir.Op.get("relax.reshape")
+TO_NCHW, TO_NHWC = [0, 3, 1, 2], [0, 2, 3, 1]
+
+
+@dataclass(frozen=True)
+class CycleFCSite:
+    root: relax.Var  # the binding whose value the kernel call replaces
+    x: relax.Expr  # the kernel's input: NHWC when ``x_is_nhwc``, else the NCHW input of the shift conv
+    x_is_nhwc: bool
+    out_is_nhwc: bool  # ``root`` is the transpose back to NHWC
+    weight: relax.Var  # (O, C, 1, 1)
+    bias: relax.Var | None  # (O,)
+    kernel_size: tuple[int, int]
+
+
+def _shape(expr: relax.Expr) -> tuple[int, ...]:
+    return tuple(int(d) for d in expr.ty.shape)
+
+
+def _is_call(value, op) -> bool:
+    return isinstance(value, relax.Call) and value.op.same_as(op)
+
+
+def _axes(call: relax.Call) -> list[int] | None:
+    return None if call.attrs.axes is None else [int(a) for a in call.attrs.axes]
+
+
+def is_cyclic_shift_kernel(weight: np.ndarray) -> bool:
+    """(C, 1, kh, kw) with one of kh, kw == 1: channel c picks tap (c + k//2) % k, as CycleFC's offsets say."""
+    if weight.ndim != 4 or weight.shape[1] != 1 or 1 not in weight.shape[2:]:
+        return False
+    channels, k = weight.shape[0], weight.shape[2] * weight.shape[3]
+    expected = np.eye(k, dtype=weight.dtype)[(np.arange(channels) + k // 2) % k]
+    return np.array_equal(weight.reshape(channels, k), expected)
+
+
+def _plain_conv(call: relax.Call, groups: int, padding: list[int]) -> bool:
+    a = call.attrs
+    return (int(a.groups) == groups and [int(p) for p in a.padding] == padding
+            and all(int(s) == 1 for s in (*a.strides, *a.dilation))
+            and a.data_layout == "NCHW" and a.kernel_layout == "OIHW" and a.out_layout == "NCHW")
+
+
+def find_cyclefc_sites(func: relax.Function, param_names: set[str]) -> list[CycleFCSite]:
+    bindings = [b for block in func.body.blocks for b in block.bindings]
+    value = {b.var: b.value for b in bindings}
+    users: dict[relax.Var, list[relax.Var]] = {}
+    for b in bindings:
+        for used in relax.analysis.free_vars(b.value):
+            users.setdefault(used, []).append(b.var)
+    for used in relax.analysis.free_vars(func.body.body):
+        users.setdefault(used, []).append(None)  # the function's result
+
+    def only_user(var):
+        found = users.get(var, [])
+        return found[0] if len(found) == 1 and found[0] is not None else None
+
+    def is_param(expr, ndim):
+        return isinstance(expr, relax.Var) and expr.name in param_names and len(_shape(expr)) == ndim
+
+    sites = []
+    for var, shift in value.items():
+        if not (_is_call(shift, _CONV2D) and isinstance(shift.args[1], tvm.ir.Constant)):
+            continue
+        kernel = shift.args[1].value.numpy()
+        channels = kernel.shape[0]
+        kh, kw = kernel.shape[2:] if kernel.ndim == 4 else (0, 0)
+        if not (is_cyclic_shift_kernel(kernel) and _plain_conv(shift, channels, [kh // 2, kw // 2] * 2)):
+            continue
+        proj_var = only_user(var)
+        proj = value.get(proj_var)
+        if not (_is_call(proj, _CONV2D) and proj.args[0].same_as(var) and is_param(proj.args[1], 4)
+                and _shape(proj.args[1])[1:] == (channels, 1, 1) and _plain_conv(proj, 1, [0, 0, 0, 0])):
+            continue
+        root, bias = proj_var, None
+        add = value.get(only_user(root))
+        if _is_call(add, _ADD) and add.args[0].same_as(root) and isinstance(add.args[1], relax.Var):
+            reshape = value.get(add.args[1])
+            if _is_call(reshape, _RESHAPE) and is_param(reshape.args[0], 1):
+                root, bias = only_user(root), reshape.args[0]
+        back = value.get(only_user(root))
+        out_is_nhwc = _is_call(back, _PERMUTE) and _axes(back) == TO_NHWC
+        if out_is_nhwc:
+            root = only_user(root)
+        x, x_is_nhwc = shift.args[0], False
+        producer = value.get(x)
+        if _is_call(producer, _PERMUTE) and _axes(producer) == TO_NCHW:
+            x, x_is_nhwc = producer.args[0], True
+        sites.append(CycleFCSite(root, x, x_is_nhwc, out_is_nhwc, proj.args[1], bias, (kh, kw)))
+    return sites
+
+
+@relax.expr_functor.mutator
+class _SiteRewriter(relax.PyExprMutator):
+    def __init__(self, mod: tvm.IRModule, sites: list[CycleFCSite], target: tvm.target.Target):
+        super().__init__(mod)
+        self.sites = {site.root: site for site in sites}
+        self.target = target
+        self.kernels: dict[tuple, relax.GlobalVar] = {}
+        self.transposed: dict[relax.Var, relax.Var] = {}  # (O, C, 1, 1) weight -> its (C, O) parameter
+
+    def kernel(self, n, h, w, c, o, kernel_size, dtype, has_bias) -> relax.GlobalVar:
+        key = (n, h, w, c, o, kernel_size, dtype, has_bias)
+        if key not in self.kernels:
+            func = cyclefc_primfunc(n, h, w, c, o, kernel_size, dtype=dtype, has_bias=has_bias)
+            func = schedule_cyclefc(func, self.target).without_attr("global_symbol")
+            self.kernels[key] = self.builder_.add_func(func, "cyclefc")
+        return self.kernels[key]
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        site = self.sites.get(binding.var)
+        if site is None:
+            return super().visit_var_binding_(binding)
+        x = self.visit_expr(site.x)
+        if not site.x_is_nhwc:
+            x = self.builder_.emit(relax.op.permute_dims(x, TO_NHWC))
+        n, h, w, c = _shape(x)
+        o = _shape(site.weight)[0]
+        dtype = x.ty.dtype
+        if site.weight not in self.transposed:
+            self.transposed[site.weight] = relax.Var(f"{site.weight.name}.T", relax.TensorType((c, o), dtype))
+        args = [x, self.transposed[site.weight], *([site.bias] if site.bias is not None else [])]
+        gv = self.kernel(n, h, w, c, o, site.kernel_size, dtype, site.bias is not None)
+        call = relax.call_tir(gv, args, relax.TensorType((n, h, w, o), dtype))
+        if not site.out_is_nhwc:
+            call = relax.op.permute_dims(self.builder_.emit(call), TO_NCHW)
+        self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(call)))
+
+
+def rewrite_cyclefc(mod: tvm.IRModule, params: dict[str, np.ndarray], target: tvm.target.Target
+                    ) -> tuple[tvm.IRModule, dict[str, np.ndarray], dict]:
+    """Rewrite every CycleFC site of ``main``; return the module, its params in call order, and a report."""
+    func = mod["main"]
+    num_input = int(func.attrs["num_input"])
+    sites = find_cyclefc_sites(func, set(params))
+    if not sites:
+        return mod, params, {"sites": 0}
+    rewriter = _SiteRewriter(mod, sites, target)
+    body = rewriter.visit_expr(func.body)
+    used = {v.name for v in relax.analysis.free_vars(body)}
+    weights = [p for p in func.params[num_input:] if p.name in used]
+    new_func = relax.Function([*func.params[:num_input], *weights, *rewriter.transposed.values()], body,
+                              func.ret_ty, func.is_pure, func.attrs)
+    rewriter.builder_.update_func(rewriter.builder_.get().get_global_var("main"), new_func)
+    new_mod = relax.transform.DeadCodeElimination(["main"])(rewriter.builder_.get())
+    new_params = {p.name: params[p.name] for p in weights}
+    for weight, t in rewriter.transposed.items():
+        o, c = _shape(weight)[:2]
+        new_params[t.name] = np.ascontiguousarray(params[weight.name].reshape(o, c).T)
+    return new_mod, new_params, {"sites": len(sites), "kernels": len(rewriter.kernels), "schedule": target.kind.name}
