@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 import models
 import targets
@@ -76,6 +76,7 @@ def compile_cmd(model_name: str, target_name: str, batch: int, weights: Path | N
         _fail(str(e), e.exit_code)
     except KeyboardInterrupt:
         _fail("interrupted; no artifact was written", 130)
+    console.print(f"  compiled library: {manifest['verify']['compiled_library']}", highlight=False, soft_wrap=True)
     for check in manifest["verify"]["outputs"]:
         console.print(f"  {check['name']}: max_abs {check['max_abs']:.3g}, max_rel {check['max_rel']:.3g} "
                       f"(atol {check['atol']:g}, rtol {check['rtol']:g})", highlight=False, soft_wrap=True)
@@ -91,18 +92,19 @@ def list_models_cmd(pattern: str, as_json: bool) -> None:
     if as_json:
         stdout.print_json(json.dumps({n: dataclasses.asdict(models.get_model_cfg(n)) for n in names}))
         return
-    table = Table("model", "family", "input", "classes", "params (M)", "kind")
+    table = Table(*(Column(h, no_wrap=True) for h in ("model", "family", "input", "classes", "params (M)")),
+                  caption="params '-': a tiny test variant")
     for name in names:
         cfg = models.get_model_cfg(name)
         table.add_row(name, cfg.family, "x".join(map(str, cfg.input_size)), str(cfg.num_classes),
-                      f"{cfg.params_m:g}" if cfg.params_m else "-", "test" if cfg.test_variant else "published")
+                      f"{cfg.params_m:g}" if cfg.params_m else "-")
     stdout.print(table)
 
 
 @cli.command("list-targets")
 def list_targets_cmd() -> None:
     """List the targets and the TVM target each one compiles for."""
-    table = Table("target", "aliases", "description", "tvm target")
+    table = Table(Column("target", no_wrap=True), "aliases", "description", "tvm target")
     for spec in targets.list_targets():
         table.add_row(spec.name, ", ".join(spec.aliases), spec.description, json.dumps(spec.tvm_target))
     stdout.print(table)

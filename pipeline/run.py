@@ -70,8 +70,7 @@ def compile_model(spec: BuildSpec, out: Path | None = None, listener: StageListe
     from .stages.reference import INPUT_NAME, OUTPUT_NAMES, make_inputs, run_torch
     from .stages.relax_import import import_onnx
     from .stages.simplify import simplify_onnx
-    from .stages.verify import run_onnxruntime, verify
-    from .runtime import run_library
+    from .stages.verify import run_compiled_library, run_onnxruntime, verify
 
     try:
         target = targets.get_target(spec.target)
@@ -96,14 +95,16 @@ def compile_model(spec: BuildSpec, out: Path | None = None, listener: StageListe
         with stage("optimize"):
             mod, params, passes = optimize(mod, params, target)
         with stage("build"):
-            build(mod, target, work / "lib.so")
+            build_report = build(mod, target, work / "lib.so")
         with stage("verify"):
             candidates = {"onnxruntime": run_onnxruntime(work / "model.sim.onnx", inputs)}
-            if target.runs_on_build_host:
-                candidates["tvm"] = run_library(work / "lib.so", target.device, params, inputs, OUTPUT_NAMES)
+            library_outputs, library_run = run_compiled_library(target, work / "lib.so", params, inputs, OUTPUT_NAMES)
+            if library_outputs is not None:
+                candidates["tvm"] = library_outputs
             checks = verify(reference, candidates, cfg.atol, cfg.rtol)
         with stage("package"):
             manifest = write_artifact(work, model_name=spec.model, cfg=cfg, batch=spec.batch, weights=weights,
                                       target=target, inputs=inputs, reference=reference, params=params,
-                                      checks=checks, passes=passes, timings=timings)
+                                      checks=checks, library_run=library_run, passes=passes,
+                                      build_report=build_report, timings=timings)
     return out, manifest

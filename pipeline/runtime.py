@@ -9,8 +9,20 @@ import tvm
 from tvm.runtime.vm import VirtualMachine
 
 
+class RuntimeUnavailable(RuntimeError):
+    """This TVM runtime cannot run the library here (no device support, or no device)."""
+
+
 def load_vm(lib_path: Path, device: str) -> tuple[VirtualMachine, tvm.runtime.Device]:
+    if not tvm.runtime.enabled(device):
+        # The PyPI aarch64 wheel links libcudart.so.13; on a CUDA 12 board (JetPack 6) it loads
+        # without CUDA and says nothing, so say it here.
+        raise RuntimeUnavailable(
+            f"this TVM runtime ({tvm.__file__}) has no {device} support; on a Jetson, build TVM's runtime "
+            f"against the board's CUDA (see README, 'Running on a Jetson')")
     dev = tvm.runtime.device(device)
+    if not dev.exist:
+        raise RuntimeUnavailable(f"no {device} device found by the TVM runtime on this machine")
     return VirtualMachine(tvm.runtime.load_module(str(lib_path)), dev), dev
 
 

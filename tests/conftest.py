@@ -12,7 +12,8 @@ TEST_MODELS = models.list_models("test_*")
 FULL_SIZE_MODELS = models.list_models(include_test=False)
 # The one full-size model the default suite compiles end to end; the rest run under -m slow.
 DEFAULT_FULL_SIZE = "cyclemlp_b1"
-HOST_TARGETS = [t.name for t in targets.list_targets() if t.runs_on_build_host]
+ALL_TARGETS = [t.name for t in targets.list_targets()]
+CUDA_TARGETS = [t.name for t in targets.list_targets() if t.cuda]
 
 
 def run_cli(*args: str, **kwargs):

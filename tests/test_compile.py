@@ -1,30 +1,49 @@
-"""End-to-end compiles: real export, onnxsim, TVM build, and runs on this host."""
+"""End-to-end compiles: real export, onnxsim, TVM build, and runs on this host or under qemu."""
 import json
 
 import numpy as np
 import pytest
 
-from conftest import DEFAULT_FULL_SIZE, FULL_SIZE_MODELS, HOST_TARGETS, TEST_MODELS
+import models
+import targets
+from conftest import ALL_TARGETS, DEFAULT_FULL_SIZE, FULL_SIZE_MODELS, TEST_MODELS
+from pipeline.cross_link import elf_machine
+from pipeline.cuda_aot import cubin_info, cuda_device_code_format
 from pipeline.spec import sha256_file
 
 EXPECTED_FILES = {"model.onnx", "model.sim.onnx", "lib.so", "params.npz", "inputs.npz", "outputs.npz"}
+ELF_MACHINE = {None: 62, "aarch64-linux-gnu": 183}  # x86-64 host, or the cross triple
+
+
+def library_runs_here(spec: targets.TargetSpec) -> bool:
+    """CPU libraries run here, natively or under qemu (CI runs scripts/setup_aarch64_runtime.sh); GPU ones don't."""
+    return spec.device == "cpu"
 
 
 def check_artifact(out, manifest):
+    spec = targets.get_target(manifest["target"]["name"])
     assert set(manifest["files"]) == EXPECTED_FILES
     for name, digest in manifest["files"].items():
         assert sha256_file(out / name) == digest, name
     assert json.loads((out / "manifest.json").read_text()) == manifest
     assert manifest["verify"]["passed"]
     runtimes = {c["name"].split("/")[0] for c in manifest["verify"]["outputs"]}
-    assert runtimes == {"tvm", "onnxruntime"}
+    if library_runs_here(spec):
+        assert runtimes == {"tvm", "onnxruntime"} and manifest["verify"]["compiled_library"].startswith("ran")
+    else:
+        assert runtimes == {"onnxruntime"} and manifest["verify"]["compiled_library"].startswith("not run here")
+    assert elf_machine(out / "lib.so") == ELF_MACHINE[spec.cross_triple]
+    if spec.cuda:
+        assert cuda_device_code_format(out / "lib.so") == "cubin"  # machine code, not source for the board to JIT
+        cuda = manifest["target"]["build"]["cuda"]
+        assert cuda["arch"] == spec.cuda.arch and cuda["kernels"]
     # nothing but the artifact was left beside it
     assert [p.name for p in out.parent.iterdir()] == [out.name]
 
 
-@pytest.mark.parametrize("target", HOST_TARGETS)
+@pytest.mark.parametrize("target", ALL_TARGETS)
 @pytest.mark.parametrize("model", TEST_MODELS)
-def test_compile_test_variants(compiled, model, target):
+def test_every_test_variant_compiles_for_every_target(compiled, model, target):
     out, manifest = compiled(model, target)
     check_artifact(out, manifest)
     assert manifest["model"]["name"] == model and manifest["target"]["name"] == target
@@ -41,9 +60,14 @@ def test_compile_full_size(compiled, model):
     check_artifact(*compiled(model))
 
 
-def test_every_registered_model_and_target_is_compiled_by_a_test():
-    import models
-    import targets
+def test_cuda_cubins_are_for_the_target_arch(compiled):
+    for name in ("cuda", "jetson-agx-xavier"):
+        out, manifest = compiled("test_mixer", name)
+        from pipeline.cuda_aot import cuda_device_code
+        [(fmt, cubin)] = cuda_device_code(out / "lib.so")
+        assert fmt == "cubin" and cubin_info(cubin)["arch"] == targets.get_target(name).cuda.arch
 
+
+def test_every_registered_model_and_target_is_compiled_by_a_test():
     assert set(TEST_MODELS) | set(FULL_SIZE_MODELS) == set(models.list_models())
-    assert {t.name for t in targets.list_targets()} <= set(HOST_TARGETS)
+    assert set(ALL_TARGETS) == {t.name for t in targets.list_targets()}  # all parametrize the test above

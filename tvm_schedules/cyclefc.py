@@ -8,22 +8,24 @@ outside the image (the CycleMLP / ``models.cyclemlp.CycleFC`` semantics); then
 
 ``schedule_cyclefc(func, target)`` picks a schedule by target kind:
 
-* ``llvm``: a register-tiled GEMM (M = N*H*W rows tiled along W, K = C, N = O). The (mr x nv*vec)
-  accumulator tile lives in a ``local`` buffer and is unrolled; the O axis is vectorized with the
-  target's SIMD width; the outer tiles run in parallel; bias and the final cast are the epilogue of
-  each tile. The shift is inlined, so each A element is a bounds-checked scalar load that is broadcast
-  against a vector row of ``weight_t``.
-* ``cuda``: dlight's ``gpu.Matmul`` rule (one kernel, the shift inlined into the shared-memory load),
-  with a manual thread-tiled schedule as the fallback.
+* ``llvm``: a register-tiled GEMM (M = N*H*W pixels, tiled along W; K = C; N = O). Each parallel task
+  owns an (mr pixels x nv*vec channels) accumulator tile: a per-task buffer that LLVM keeps in vector
+  registers (see ``_CPU_ACC_SCOPE`` for why its scope is "global" and not "local"), zeroed by the
+  decomposed init block, updated over C with the rows and vectors unrolled and the lanes vectorized
+  (vec = the target's SIMD width, from a small ISA table), then written out by the epilogue block
+  (bias add, cast). The shift is inlined, so each input element is one bounds-checked scalar load
+  broadcast against a vector row of ``weight_t``; nothing shifted is materialized.
+* ``cuda``: dlight's ``gpu.Matmul`` rule (one kernel: shared-memory tiles with the shift inlined into
+  the input's shared-memory load, bias and cast fused into the register-tile write-back), with a manual
+  thread-tiled schedule as the fallback if the rule does not match.
 """
 from __future__ import annotations
 
-import numpy as np  # noqa: F401  (kept for callers that build inputs; the module itself needs only tvm)
 import tvm
 from tvm import te, tirx
 from tvm.s_tir import Schedule
 
-__all__ = ["cyclefc_te", "cyclefc_primfunc", "schedule_cyclefc", "cpu_vector_lanes", "SCHEDULES"]
+__all__ = ["cyclefc_te", "cyclefc_primfunc", "schedule_cyclefc", "cpu_vector_lanes", "cpu_tiles", "SCHEDULES"]
 
 _LOW_PRECISION = ("float16", "bfloat16")
 
@@ -48,7 +50,7 @@ def cyclefc_te(x: te.Tensor, weight_t: te.Tensor, bias: te.Tensor | None, kernel
     """
     n, h, w, c = x.shape
     c_w, o = weight_t.shape
-    if int(c_w) != int(c):
+    if isinstance(c_w, tirx.IntImm) and isinstance(c, tirx.IntImm) and int(c_w) != int(c):
         raise ValueError(f"weight_t is (C, O) = {tuple(weight_t.shape)} but x has C = {c}")
     kh, kw = _normalize_kernel(kernel_size)
     k = kh * kw  # the long side; the other side is 1
@@ -94,15 +96,26 @@ def cyclefc_primfunc(n, h, w, c, o, kernel_size, dtype="float32", has_bias=True,
 # CPU
 
 
-# SIMD lanes of 32-bit floats, and the number of vector registers, by ISA level.
+# ISA level -> (SIMD lanes of 32-bit floats, vector registers).
 _CPU_ISA = {"avx512": (16, 32), "avx2": (8, 16), "neon": (4, 32), "sse": (4, 16)}
-# -mcpu -> ISA level (anything not listed falls back to -mattr, then the triple).
+# -mcpu -> ISA level; anything not listed falls back to -mattr, then to the triple.
 _MCPU_ISA = {
     "x86-64-v4": "avx512", "skylake-avx512": "avx512", "cascadelake": "avx512", "cooperlake": "avx512",
     "icelake-server": "avx512", "icelake-client": "avx512", "sapphirerapids": "avx512", "znver4": "avx512",
     "znver5": "avx512", "x86-64-v3": "avx2", "haswell": "avx2", "broadwell": "avx2", "skylake": "avx2",
     "znver1": "avx2", "znver2": "avx2", "znver3": "avx2", "alderlake": "avx2",
 }
+_MATTR_ISA = {"+avx512f": "avx512", "+avx2": "avx2", "+neon": "neon"}
+
+# LowerTVMBuiltin (TVM 0.27) puts a constant-size CPU allocation on the stack only if its scope is "global"
+# and it is smaller than runtime::kMaxStackAlloca (1024 bytes); otherwise, and always for scope "local", it
+# becomes a TVMBackendAllocWorkspace call per tile, whose heap memory LLVM cannot promote to registers, so
+# every FMA would store its accumulator back (measured: 0.42 -> 0.24 ms at 1x56x56x64, kernel (3, 1)).
+# The accumulator tile is therefore a "global"-scope buffer allocated inside the parallel loop: a per-tile
+# stack array that LLVM's SROA turns into registers.
+_CPU_ACC_SCOPE = "global"
+_MAX_STACK_ALLOCA_BYTES = 1024
+_MAX_TILE_ROWS = 16
 
 
 def _cpu_isa(target: tvm.target.Target) -> str:
@@ -110,68 +123,85 @@ def _cpu_isa(target: tvm.target.Target) -> str:
     if mcpu in _MCPU_ISA:
         return _MCPU_ISA[mcpu]
     mattr = [str(a) for a in (target.attrs.get("mattr", None) or [])]
-    if "+avx512f" in mattr:
-        return "avx512"
-    if "+avx2" in mattr:
-        return "avx2"
+    for attr, isa in _MATTR_ISA.items():
+        if attr in mattr:
+            return isa
     triple = str(target.attrs.get("mtriple", "") or "")
-    if triple.startswith(("aarch64", "arm64")) or "+neon" in mattr or target.attrs.get("feature.is_aarch64", False):
+    if triple.startswith(("aarch64", "arm64")) or bool(target.attrs.get("feature.is_aarch64", False)):
         return "neon"
     return "sse"
 
 
 def cpu_vector_lanes(target: tvm.target.Target, dtype: str = "float32") -> int:
-    """SIMD lanes for ``dtype`` elements of the accumulator on this target (from the small table above)."""
+    """SIMD lanes of ``dtype`` on this llvm target: 16 float32 for AVX-512, 8 for AVX2, 4 for NEON/SSE."""
     lanes32 = _CPU_ISA[_cpu_isa(target)][0]
     return max(1, lanes32 * 32 // tvm.runtime.DataType(dtype).bits)
 
 
-def _largest_divisor(n: int, candidates) -> int | None:
-    for v in candidates:
-        if v <= n and n % v == 0:
-            return v
-    return None
+def _divisors_desc(n: int, hi: int, lo: int = 1) -> list[int]:
+    return [d for d in range(min(hi, n), max(lo, 1) - 1, -1) if n % d == 0]
 
 
-def _cpu_tiles(w: int, o: int, lanes: int, nregs: int) -> tuple[int, int, int]:
-    """(mr, nv, vec): mr output pixels along W x nv vectors of vec lanes along O."""
-    vec = _largest_divisor(o, [lanes >> i for i in range(lanes.bit_length())]) or 1
+def cpu_tiles(
+    w: int, o: int, lanes: int, nregs: int, acc_bytes: int = 4, convert: bool = False
+) -> tuple[int, int, int]:
+    """Register tile (mr, nv, vec): mr output pixels along W by nv vectors of vec lanes along O.
+
+    * vec: the largest power of two <= ``lanes`` that divides O (O=64 -> 16, O=100 -> 4, O=11 -> 1);
+    * registers: mr*nv accumulators + nv weight vectors + 1 broadcast input + 1 spare <= nregs, the tile
+      under the 1 KiB stack limit (so at most 15 zmm accumulators on AVX-512), mr <= 16, nv <= 4;
+    * nv divides O/vec; mr is the largest divisor of W in [mr_max/2, mr_max], or else mr_max, with the
+      last tile of each image row guarded (a predicate on the unrolled rows, never on the vector lanes);
+    * choice: most accumulators holding real pixels, then unguarded, then most rows (on the Zen 4 here
+      14x1 beat 7x2 and 3x4 by 5-10% at 56x56x64 and 14x14x320). With ``convert`` (float16 inputs, so
+      every input scalar and weight vector is converted to float32 before its FMAs) the score is FMAs per
+      converted operand, mr*nv / (mr + nv), instead: 7x2 rather than 14x1 (0.37 vs 0.48 ms at 56x56x64).
+    """
+    vec = next(v for v in (lanes >> i for i in range(lanes.bit_length())) if o % v == 0)
     nvec = o // vec
-    budget = nregs - 4  # accumulators; leave room for B vectors and the broadcast A
-    nv_max = max(1, min(4, budget // 4))
-    nv = _largest_divisor(nvec, range(nv_max, 0, -1)) or 1
-    mr_max = max(1, budget // nv)
-    mr_max = min(mr_max, 8, w)
-    mr = _largest_divisor(w, range(mr_max, (mr_max + 1) // 2 - 1, -1)) or mr_max
-    return mr, nv, vec
+    max_tile = max(1, (_MAX_STACK_ALLOCA_BYTES - 1) // (vec * acc_bytes))
+    best = None
+    for nv in _divisors_desc(nvec, 4):
+        mr_max = min((nregs - 2 - nv) // nv, max_tile // nv, _MAX_TILE_ROWS, w)
+        if mr_max < 1:
+            continue
+        mrs = _divisors_desc(w, mr_max, (mr_max + 1) // 2)
+        mr = mrs[0] if mrs else mr_max
+        used = w / (-(-w // mr) * mr)  # fraction of tile rows that are real pixels (1.0 when mr divides W)
+        score = mr * nv * used / (mr + nv) if convert else mr * nv * used
+        key = (score, bool(mrs), mr)  # useful accumulators (per conversion), then unguarded, then most rows
+        if best is None or key > best[0]:
+            best = (key, (mr, nv, vec))
+    return best[1] if best else (1, 1, vec)
 
 
-def _schedule_cpu(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFunc:
+def _schedule_cpu(func: tirx.PrimFunc, target: tvm.target.Target, tile: tuple[int, int] | None = None):
+    """Loops: parallel(N*H * W/mr * O/(nv*vec)) { init tile; for c: unroll mr { unroll nv { vector vec } };
+    epilogue tile }. ``tile`` = (mr, nv) overrides :func:`cpu_tiles` (for experiments)."""
     sch = Schedule(func)
-    sch.compute_inline(sch.get_sblock("shift"))
+    sch.compute_inline(sch.get_sblock("shift"))  # the shift becomes the guarded load inside the GEMM
     mm, out = sch.get_sblock("mm"), sch.get_sblock("out")
     b, y, xx, oo, kk = sch.get_loops(mm)
-    w = int(sch.get(xx).extent)
-    o = int(sch.get(oo).extent)
-    acc = sch.get(mm).writes[0].buffer.dtype
-    lanes, nregs = cpu_vector_lanes(target, str(acc)), _CPU_ISA[_cpu_isa(target)][1]
-    mr, nv, vec = _cpu_tiles(w, o, lanes, nregs)
+    w, o = int(sch.get(xx).extent), int(sch.get(oo).extent)
+    acc = _acc_dtype(str(func.params[0].dtype))
+    lanes, nregs = cpu_vector_lanes(target, acc), _CPU_ISA[_cpu_isa(target)][1]
+    convert = acc != str(func.params[0].dtype)
+    mr, nv, vec = cpu_tiles(w, o, lanes, nregs, tvm.runtime.DataType(acc).bits // 8, convert)
+    if tile is not None:
+        mr, nv = tile
     xo, xi = sch.split(xx, [None, mr])
     o_o, o_v, o_l = sch.split(oo, [None, nv, vec])
     sch.reorder(b, y, xo, o_o, kk, xi, o_v, o_l)
     outer = sch.fuse(b, y, xo, o_o)
-    sch.parallel(outer)
-    sch.reverse_compute_at(out, outer, preserve_unit_loops=True)
-    sch.set_scope(mm, 0, "local")
-    init = sch.decompose_reduction(mm, kk)
-    # accumulator tile: rows unrolled, vectors unrolled, lanes vectorized
-    for blk in (init, mm):
-        loops = sch.get_loops(blk)
-        sch.vectorize(loops[-1])
-        for lp in loops[-3:-1]:
-            sch.unroll(lp)
-    # epilogue (bias + cast) on the same tile
-    eb, ey, ex, eo = sch.get_loops(out)[-4:]
+    sch.parallel(outer)  # one task per (image row, W tile, O tile)
+    sch.reverse_compute_at(out, outer, preserve_unit_loops=True)  # epilogue per tile
+    sch.set_scope(mm, 0, _CPU_ACC_SCOPE)  # (mr, nv*vec) accumulator tile, see _CPU_ACC_SCOPE
+    sch.vectorize(o_l)
+    sch.unroll(o_v)
+    sch.unroll(xi)
+    sch.decompose_reduction(mm, kk)  # zero-init of the tile before the C loop; it keeps the loop kinds
+    # epilogue: acc + bias, cast, store; same tile shape
+    ex, eo = sch.get_loops(out)[-2:]
     eov, eol = sch.split(eo, [None, vec])
     sch.vectorize(eol)
     sch.unroll(eov)
@@ -183,14 +213,42 @@ def _schedule_cpu(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFu
 # CUDA
 
 
+def _schedule_cuda_manual(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFunc:
+    """Thread-tiled CUDA schedule without shared memory (the fallback when dlight does not match).
+
+    Block = (one image row, 8 pixels along W, 64 channels along O); thread = 2 pixels x 2 channels with
+    threadIdx.x running along O (coalesced weight loads and output stores); 128 threads per block; the
+    accumulators live in registers ("local"); ragged edges are guarded by the split predicates.
+    """
+    sch = Schedule(func)
+    sch.compute_inline(sch.get_sblock("shift"))
+    mm, out = sch.get_sblock("mm"), sch.get_sblock("out")
+    b, y, xx, oo, kk = sch.get_loops(mm)
+    xo, ty, xi = sch.split(xx, [None, 4, 2])
+    oo_o, oi, tx = sch.split(oo, [None, 2, 32])
+    sch.reorder(b, y, xo, oo_o, ty, tx, kk, xi, oi)
+    blk = sch.fuse(b, y, xo, oo_o)
+    sch.bind(blk, "blockIdx.x")
+    sch.bind(ty, "threadIdx.y")
+    sch.bind(tx, "threadIdx.x")
+    sch.reverse_compute_at(out, tx, preserve_unit_loops=True)
+    sch.set_scope(mm, 0, "local")
+    sch.unroll(xi)
+    sch.unroll(oi)
+    sch.decompose_reduction(mm, kk)
+    return sch.mod["main"]
+
+
 def _schedule_cuda(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFunc:
+    """dlight ``gpu.Matmul``: shared-memory tiles, the shift inlined into the shared-memory load of the
+    input and the bias/cast fused into the register-tile write-back, all in one kernel."""
     from tvm.s_tir import dlight as dl
 
     with target:
         sch = dl.gpu.Matmul().apply(func, target, False)
     if sch is None:
-        raise RuntimeError("dlight gpu.Matmul did not match CycleFC")
-    if isinstance(sch, list):
+        return _schedule_cuda_manual(func, target)
+    if isinstance(sch, list | tuple):
         sch = sch[0]
     return sch.mod["main"]
 

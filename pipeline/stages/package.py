@@ -33,7 +33,8 @@ def tensor_specs(arrays: dict[str, np.ndarray]) -> list[dict]:
 
 def write_artifact(work: Path, *, model_name: str, cfg: ModelCfg, batch: int, weights: dict, target: TargetSpec,
                    inputs: dict[str, np.ndarray], reference: dict[str, np.ndarray], params: dict[str, np.ndarray],
-                   checks: list[OutputCheck], passes: dict, timings: dict[str, float]) -> dict:
+                   checks: list[OutputCheck], library_run: str, passes: dict, build_report: dict,
+                   timings: dict[str, float]) -> dict:
     """Save inputs/outputs/params beside the ONNX files and library already in ``work``; write manifest.json."""
     np.savez(work / "inputs.npz", **inputs)
     np.savez(work / "outputs.npz", **reference)
@@ -42,7 +43,8 @@ def write_artifact(work: Path, *, model_name: str, cfg: ModelCfg, batch: int, we
         "schema": MANIFEST_SCHEMA,
         "model": {"name": model_name, **{k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("atol", "rtol")},
                   "batch": batch, "weights": weights},
-        "target": {"name": target.name, "tvm_target": target.tvm_target, "device": target.device},
+        "target": {"name": target.name, "tvm_target": target.tvm_target, "tvm_host": target.tvm_host,
+                   "device": target.device, "build": build_report},
         "toolchain": toolchain_versions(),
         "inputs": tensor_specs(inputs),
         "outputs": tensor_specs(reference),
@@ -50,7 +52,7 @@ def write_artifact(work: Path, *, model_name: str, cfg: ModelCfg, batch: int, we
         "files": {p.name: sha256_file(p) for p in sorted(work.iterdir()) if p.is_file()},
         "passes": passes,
         "tuning": {"records_applied": 0, "database": None},
-        "verify": {"passed": all(c.passed for c in checks), "reference": "pytorch",
+        "verify": {"passed": all(c.passed for c in checks), "reference": "pytorch", "compiled_library": library_run,
                    "outputs": [dataclasses.asdict(c) for c in checks]},
     }
     manifest["build_id"] = sha256_bytes(canonical_json(manifest).encode())

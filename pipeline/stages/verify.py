@@ -6,13 +6,33 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from targets import TargetSpec
+from ..emulation import EmulatorUnavailable, run_library_emulated
 from ..errors import DegenerateReference, OutputCheck, VerificationFailed
+from ..runtime import run_library
 
 
 def run_onnxruntime(path: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, inputs), strict=True))
+
+
+def run_compiled_library(spec: TargetSpec, lib: Path, params: dict[str, np.ndarray], inputs: dict[str, np.ndarray],
+                         output_names: tuple[str, ...]) -> tuple[dict[str, np.ndarray] | None, str]:
+    """Run the library where this machine can (natively or emulated); return its outputs and how it ran."""
+    import tvm
+
+    if spec.runner == "host":
+        if not tvm.runtime.device(spec.device).exist:
+            return None, f"not run here: no {spec.device} device on this machine"
+        return run_library(lib, spec.device, params, inputs, output_names), "ran on this host"
+    if spec.runner == "qemu-aarch64":
+        try:
+            return run_library_emulated(lib, params, inputs, output_names), "ran under qemu-aarch64 (user-mode emulation)"
+        except EmulatorUnavailable as e:
+            return None, f"not run here: {e}"
+    return None, f"not run here: {spec.name} libraries run on the device only (see `pipeline deploy`)"
 
 
 def compare(name: str, actual: np.ndarray, expected: np.ndarray, atol: float, rtol: float) -> OutputCheck:

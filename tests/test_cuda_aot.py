@@ -1,0 +1,183 @@
+"""AOT CUDA: cubins (not source) for Jetson archs, built on a host with no GPU or driver."""
+import ctypes.util
+import dataclasses
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+import tvm  # imported first on purpose: the pipeline imports tvm before it knows the target
+from tvm import relax
+
+from pipeline import cuda_aot
+from pipeline.cuda_aot import (
+    CudaToolchainError,
+    aot_cuda,
+    cubin_info,
+    cuda_device_code,
+    cuda_device_code_format,
+    kernel_resources,
+)
+
+pytestmark = pytest.mark.skipif(
+    cuda_aot._find_in_nvidia("cuda_nvrtc/lib/libnvrtc.so.12") is None,
+    reason="NVRTC 12 missing: pip install " + " ".join(cuda_aot.TOOLCHAINS["nvrtc-12"].pip_packages),
+)
+
+JETSON = tvm.target.Target(
+    "nvidia/jetson-orin-nano", host={"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a78ae"}
+)
+SM87_X86 = tvm.target.Target({"kind": "cuda", "arch": "sm_87"}, host={"kind": "llvm"})
+SM72_X86 = tvm.target.Target({"kind": "cuda", "arch": "sm_72"}, host={"kind": "llvm"})
+
+
+def matmul_relu(dtype="float32"):
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((64, 128), dtype))
+    w = relax.Var("w", relax.TensorType((128, 256), dtype))
+    with bb.function("main", [x, w]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.relu(relax.op.matmul(x, w)))
+            gv = bb.emit_output(relax.op.nn.softmax(y))
+        bb.emit_func_output(gv)
+    return bb.get()
+
+
+def build(target, dtype="float32"):
+    return tvm.compile(matmul_relu(dtype), target, relax_pipeline=relax.get_default_pipeline(target))
+
+
+def assert_sane(resources, n_kernels):
+    assert len(resources) == n_kernels
+    for k in resources:
+        assert 0 < k["registers"] <= 255, k
+        assert 0 <= k["shared_bytes"] <= 48 * 1024, k
+        assert k["local_bytes"] == 0, k  # these kernels neither spill nor use a stack
+        assert k["max_threads"] and k["max_threads"] <= 1024, k
+    assert any(k["shared_bytes"] > 0 for k in resources)  # dlight's matmul tiles in shared memory
+
+
+def test_source_without_context():
+    # Without aot_cuda the GPU-less build keeps CUDA source (compiled on the board at load),
+    # before and after the CUDA runtime has been loaded into this process by aot_cuda.
+    assert cuda_device_code_format(build(SM87_X86)) == "cuda"
+    with aot_cuda("sm_87", "nvrtc-12"):
+        pass
+    assert cuda_device_code_format(build(SM87_X86)) == "cuda"
+
+
+def test_sm87_cubin_exported(tmp_path):
+    with aot_cuda("sm_87", "nvrtc-12") as s:
+        ex = build(SM87_X86)
+    lib = tmp_path / "sm87.so"
+    ex.export_library(str(lib))
+
+    assert s.compiler_version == "12.6"
+    assert len(s.cubins) == 1
+    cubin = s.cubins[0]
+    assert cubin[:4] == b"\x7fELF" and cubin[0x12:0x14] == (190).to_bytes(2, "little")  # EM_CUDA
+    assert cubin_info(cubin) == {"arch": "sm_87", "abi_version": 7, "toolkit": 126}
+    assert cubin[0x30] == 87  # e_flags low byte: SM of an ABI-7 cubin
+    assert_sane(s.outputs[0].kernel_resources(), 2)
+
+    # The exported library carries exactly that cubin, no source.
+    assert cuda_device_code_format(lib) == "cubin"
+    assert cuda_device_code(lib) == [("cubin", cubin)]
+    # And it loads back without any JIT (the runtime is registered now).
+    assert tvm.runtime.load_module(str(lib)).kind == "relax.VMExecutable"
+
+
+def test_jetson_orin(tmp_path):
+    with aot_cuda("sm_87", "nvrtc-12") as s:
+        ex = build(JETSON)
+    # Linking a .so needs an aarch64 linker; the in-memory executable holds the same blob.
+    assert cuda_device_code_format(ex) == "cubin"
+    (fmt, code), = cuda_device_code(ex)
+    assert code == s.cubins[0] and cubin_info(code)["arch"] == "sm_87"
+    assert_sane(kernel_resources(code), 2)
+    # A .tar export needs no linker: its devc.o (aarch64 ELF) is what gets linked on the board.
+    ex.export_library(str(tmp_path / "jetson.tar"))
+    with tarfile.open(tmp_path / "jetson.tar") as tar:
+        tar.extract("devc.o", tmp_path)
+    assert cuda_device_code(tmp_path / "devc.o") == [("cubin", code)]
+
+
+def test_sm72_nvrtc11():
+    if cuda_aot._find_in_nvidia("cuda_nvrtc/lib/libnvrtc.so.11.2") is None:
+        pytest.skip("pip install " + " ".join(cuda_aot.TOOLCHAINS["nvrtc-11"].pip_packages))
+    with aot_cuda("sm_72", "nvrtc-11") as s:
+        ex = build(SM72_X86)
+    assert cuda_device_code_format(ex) == "cubin"
+    assert cubin_info(s.cubins[0]) == {"arch": "sm_72", "abi_version": 7, "toolkit": 118}
+    assert_sane(s.outputs[0].kernel_resources(), 2)
+    # CUDA 12's cuda_fp16.h does not compile under NVRTC 11: a typed error, not a crash.
+    with pytest.raises(CudaToolchainError, match="half-precision"):
+        with aot_cuda("sm_72", "nvrtc-11"):
+            build(SM72_X86, "float16")
+
+
+def test_fp16_nvrtc12():
+    with aot_cuda("sm_87", "nvrtc-12") as s:
+        build(SM87_X86, "float16")
+    assert_sane(s.outputs[0].kernel_resources(), 2)
+
+
+def test_errors(monkeypatch, tmp_path):
+    with pytest.raises(CudaToolchainError, match="known: nvrtc-11, nvrtc-12"):
+        with aot_cuda("sm_87", "nvcc-99"):
+            pass
+    with pytest.raises(CudaToolchainError, match="toolchains that can: nvrtc-11"):
+        with aot_cuda("sm_35", "nvrtc-12"):
+            pass
+    with pytest.raises(CudaToolchainError, match="toolchains that can: none"):
+        with aot_cuda("sm_100", "nvrtc-12"):
+            pass
+    with pytest.raises(CudaToolchainError, match="look like 'sm_87'"):
+        with aot_cuda("87", "nvrtc-12"):
+            pass
+    missing = dataclasses.replace(
+        cuda_aot.TOOLCHAINS["nvrtc-12"], name="nvrtc-x", nvrtc_lib="libnvrtc.so.99",
+        pip_packages=("nvidia-cuda-nvrtc-cu99==99.0",),
+    )
+    monkeypatch.setitem(cuda_aot.TOOLCHAINS, "nvrtc-x", missing)
+    with pytest.raises(CudaToolchainError, match="pip install nvidia-cuda-nvrtc-cu99"):
+        with aot_cuda("sm_87", "nvrtc-x"):
+            pass
+
+
+def test_stub_builds_in_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_path))
+    so = cuda_aot._build_libcuda_stub(["cuModuleLoadData", "cuGetErrorName"])
+    assert so.parent.parent == tmp_path / "cuda-stub" and so.name == "libcuda.so.1"
+    assert b"libcuda.so.1" in so.read_bytes()  # soname, so it satisfies NEEDED libcuda.so.1
+
+
+def test_ensure_runtime_after_import_tvm_in_fresh_process():
+    # The stub/runtime dance must work although `import tvm` already ran without a driver.
+    code = (
+        "import tvm, tvm_ffi\n"
+        "assert tvm_ffi.get_global_func('ffi.Module.create.cuda', allow_missing=True) is None\n"
+        "from pipeline.cuda_aot import ensure_cuda_codegen_runtime\n"
+        "ensure_cuda_codegen_runtime()\n"
+        "assert tvm_ffi.get_global_func('ffi.Module.create.cuda', allow_missing=True) is not None\n"
+    )
+    if ctypes.util.find_library("cuda"):
+        pytest.skip("a real driver is present: TVM's CUDA runtime loads at import")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=Path(__file__).parents[1])
+
+
+@pytest.mark.skipif(cuda_aot._find_in_nvidia("cu13/bin/cuobjdump") is None,
+                    reason="cross-check needs pip nvidia-cuda-cuobjdump")
+def test_resources_match_cuobjdump(tmp_path):
+    with aot_cuda("sm_87", "nvrtc-12") as s:
+        build(SM87_X86)
+    path = tmp_path / "k.cubin"
+    path.write_bytes(s.cubins[0])
+    out = subprocess.run([str(cuda_aot._find_in_nvidia("cu13/bin/cuobjdump")), "--dump-resource-usage",
+                          str(path)], capture_output=True, text=True, check=True).stdout
+    for k in kernel_resources(s.cubins[0]):
+        line = out.split(f"Function {k['name']}:")[1].splitlines()[1]
+        assert f"REG:{k['registers']} " in line and f"SHARED:{k['shared_bytes']} " in line
+        assert "STACK:0 " in line and "LOCAL:0 " in line
