@@ -64,12 +64,21 @@ def cli() -> None:
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Artifact directory. Default: artifacts/MODEL-TARGET[-bN].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of random weights and reference inputs.")
+@click.option("--cuda-arch", default=None, metavar="sm_XY",
+              help="GPU architecture for the generic `cuda` target (default sm_87).")
+@click.option("--fp16", is_flag=True, help="Compute in float16 (verified with the variant's fp16 tolerance).")
 def compile_cmd(model_name: str, target_name: str, batch: int, weights: Path | None, out: Path | None,
-                seed: int) -> None:
+                seed: int, cuda_arch: str | None, fp16: bool) -> None:
     """Export, simplify, import, optimize, build, verify and package one model for one target."""
     from .run import compile_model
 
-    spec = BuildSpec(model=model_name, target=target_name, batch=batch, weights=weights, seed=seed)
+    if cuda_arch is not None:
+        try:
+            targets.get_target(target_name).with_cuda_arch(cuda_arch)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--cuda-arch") from None
+    spec = BuildSpec(model=model_name, target=target_name, batch=batch, weights=weights, seed=seed,
+                     cuda_arch=cuda_arch, fp16=fp16)
     try:
         out_dir, manifest = compile_model(spec, out, listener=StageProgress())
     except PipelineError as e:

@@ -18,7 +18,8 @@ StageListener = Callable[[str, float | None], None]
 
 
 def default_out_dir(spec: BuildSpec) -> Path:
-    suffix = f"-b{spec.batch}" if spec.batch != 1 else ""
+    suffix = "".join(part for part, wanted in ((f"-{spec.cuda_arch}", spec.cuda_arch), (f"-b{spec.batch}", spec.batch != 1),
+                                                ("-fp16", spec.fp16)) if wanted)
     return Path("artifacts") / f"{spec.model}-{spec.target}{suffix}"
 
 
@@ -76,6 +77,8 @@ def compile_model(spec: BuildSpec, out: Path | None = None, listener: StageListe
         target = targets.get_target(spec.target)
     except targets.UnknownTargetError as e:
         raise UnknownTarget(str(e)) from None
+    if spec.cuda_arch is not None:
+        target = target.with_cuda_arch(spec.cuda_arch)
     out = out or default_out_dir(spec)
     timings: dict[str, float] = {}
     stage = lambda name: _timed(name, timings, listener)  # noqa: E731
@@ -93,7 +96,7 @@ def compile_model(spec: BuildSpec, out: Path | None = None, listener: StageListe
         with stage("import relax"):
             mod, params = import_onnx(work / "model.sim.onnx", {INPUT_NAME: inputs[INPUT_NAME].shape})
         with stage("optimize"):
-            mod, params, passes = optimize(mod, params, target)
+            mod, params, passes = optimize(mod, params, target, spec.fp16)
         with stage("build"):
             build_report = build(mod, target, work / "lib.so")
         with stage("verify"):
@@ -101,7 +104,9 @@ def compile_model(spec: BuildSpec, out: Path | None = None, listener: StageListe
             library_outputs, library_run = run_compiled_library(target, work / "lib.so", params, inputs, OUTPUT_NAMES)
             if library_outputs is not None:
                 candidates["tvm"] = library_outputs
-            checks = verify(reference, candidates, cfg.atol, cfg.rtol)
+            fp32 = (cfg.atol, cfg.rtol)
+            checks = verify(reference, candidates, {"onnxruntime": fp32,
+                                                    "tvm": (cfg.fp16_atol, cfg.fp16_rtol) if spec.fp16 else fp32})
         with stage("package"):
             manifest = write_artifact(work, model_name=spec.model, cfg=cfg, batch=spec.batch, weights=weights,
                                       target=target, inputs=inputs, reference=reference, params=params,

@@ -16,6 +16,8 @@ class BuildSpec:
     batch: int = 1
     weights: Path | None = None  # a state_dict checkpoint; None means seeded random weights
     seed: int = 0  # seeds random weights and the reference inputs
+    cuda_arch: str | None = None  # overrides the generic cuda target's arch
+    fp16: bool = False  # compute in float16 (inputs, outputs and params stay float32 at the boundary)
 
 
 def canonical_json(obj) -> str:

@@ -101,7 +101,7 @@ register_target(TargetSpec(
     name="cuda", description="an NVIDIA GPU in this x86-64 host; --cuda-arch picks the arch (default sm_87)",
     tvm_target={"kind": "cuda", "arch": "sm_87", "max_threads_per_block": 1024, "max_num_threads": 1024,
                 "max_shared_memory_per_block": 49152, "thread_warp_size": 32},
-    tvm_host=X86_HOST, device="cuda",
+    tvm_host=X86_HOST, device="cuda", runner="host",
     cuda=CudaSpec(arch="sm_87", toolchain="nvrtc-12", supported="CUDA 12.x drivers (NVRTC 12.6 cubins)")))
 # TVM's Orin tags call the CPU "carmel" (Xavier's) or "cortex-a78": we name the Orin core.
 register_target(TargetSpec(

@@ -124,3 +124,15 @@ def test_interrupted_compile_leaves_no_artifact(tmp_path, sig):
         assert list(tmp_path.iterdir()) == []  # the partial directory was removed too
     else:  # kill -9 cannot clean up; what remains is hidden and has no manifest
         assert all(p.name.startswith(".art.partial-") and not (p / "manifest.json").exists() for p in tmp_path.iterdir())
+
+
+def test_cuda_arch_only_for_the_generic_cuda_target():
+    result = run_cli("compile", "--model", "test_mixer", "--target", "jetson-orin-nano", "--cuda-arch", "sm_75")
+    assert_one_line_error(result, "fixed GPU architecture")
+
+
+def test_unsupported_cuda_arch_is_a_clear_error(tmp_path):
+    result = run_cli("compile", "--model", "test_mixer", "--target", "cuda", "--cuda-arch", "sm_120",
+                     "--out", str(tmp_path / "a"))
+    assert_one_line_error(result, "cannot compile for sm_120", code=1)
+    assert not (tmp_path / "a").exists()

@@ -60,11 +60,11 @@ def check_reference_varies(reference: dict[str, np.ndarray]) -> None:
 
 
 def verify(reference: dict[str, np.ndarray], candidates: dict[str, dict[str, np.ndarray]],
-           atol: float, rtol: float) -> list[OutputCheck]:
-    """Check every output of every candidate runtime; raise one error listing all failures."""
+           tolerances: dict[str, tuple[float, float]]) -> list[OutputCheck]:
+    """Check every output of every candidate runtime against its (atol, rtol); raise one error listing all failures."""
     check_reference_varies(reference)
     checks = [
-        compare(f"{runtime}/{name}", outputs.get(name, np.empty(0)), expected, atol, rtol)
+        compare(f"{runtime}/{name}", outputs.get(name, np.empty(0)), expected, *tolerances[runtime])
         for runtime, outputs in candidates.items()
         for name, expected in reference.items()
     ]

@@ -1,0 +1,56 @@
+"""CUDA targets: every kernel fits the target's per-block limits, and a kernel that does not is refused."""
+import dataclasses
+
+import pytest
+
+import targets
+from conftest import CUDA_TARGETS
+from pipeline.errors import BuildError
+from pipeline.run import compile_model
+from pipeline.spec import BuildSpec
+from pipeline.stages.build import build, kernel_limit_violations
+from pipeline.stages.optimize import optimize
+from pipeline.stages.relax_import import import_onnx
+
+# The default suite checks one sm_87 and one sm_72 target; -m slow checks every CUDA target.
+DEFAULT_CASES = {("cyclemlp_b1", "jetson-orin-nano"), ("mixer_b16_224", "jetson-agx-xavier")}
+CASES = [pytest.param(m, t, marks=() if (m, t) in DEFAULT_CASES else pytest.mark.slow)
+         for m in ("cyclemlp_b1", "mixer_b16_224") for t in CUDA_TARGETS]
+
+
+def check_kernels(manifest, spec):
+    cuda = manifest["target"]["build"]["cuda"]
+    assert cuda["device_code"] == "cubin" and cuda["arch"] == spec.cuda.arch
+    assert cuda["kernels"] and kernel_limit_violations(cuda["kernels"], spec.cuda) == []
+    for kernel in cuda["kernels"]:
+        assert 0 < kernel["registers"] <= spec.cuda.max_registers_per_thread
+        assert 0 < kernel["max_threads"] <= spec.cuda.max_threads_per_block
+
+
+@pytest.mark.parametrize("model,target", CASES)
+def test_kernels_fit_the_target(compiled, model, target):
+    _, manifest = compiled(model, target)
+    check_kernels(manifest, targets.get_target(target))
+    if model.startswith("cyclemlp"):
+        assert any(k["name"].startswith("cyclefc") for k in manifest["target"]["build"]["cuda"]["kernels"])
+
+
+def test_a_kernel_over_the_limits_is_refused(compiled, tmp_path):
+    out, _ = compiled("test_mixer")
+    tight = dataclasses.replace(targets.get_target("cuda"), name="tight-cuda",
+                                cuda=dataclasses.replace(targets.get_target("cuda").cuda, max_registers_per_thread=8,
+                                                         max_threads_per_block=64))
+    mod, params = import_onnx(out / "model.sim.onnx", {"input": (1, 3, 32, 32)})
+    mod, _, _ = optimize(mod, params, tight)
+    with pytest.raises(BuildError, match="exceed tight-cuda's limits"):
+        build(mod, tight, tmp_path / "lib.so")
+
+
+def test_fp16_records_its_tolerance(tmp_path):
+    out, manifest = compile_model(BuildSpec(model="test_cyclemlp", target="x86", fp16=True), tmp_path / "a")
+    [tvm_check] = [c for c in manifest["verify"]["outputs"] if c["name"].startswith("tvm/")]
+    assert tvm_check["atol"] == 1e-2 and tvm_check["passed"] and tvm_check["max_abs"] > 1e-6  # really float16
+    assert manifest["passes"]["precision"].startswith("float16")
+    _, cuda_manifest = compile_model(BuildSpec(model="test_mixer", target="cuda", cuda_arch="sm_75", fp16=True),
+                                     tmp_path / "b")
+    assert cuda_manifest["target"]["build"]["cuda"]["arch"] == "sm_75"
