@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import click
+from rich import box
 from rich.console import Console
 from rich.table import Column, Table
 
@@ -90,6 +91,332 @@ def compile_cmd(model_name: str, target_name: str, batch: int, weights: Path | N
         console.print(f"  {check['name']}: max_abs {check['max_abs']:.3g}, max_rel {check['max_rel']:.3g} "
                       f"(atol {check['atol']:g}, rtol {check['rtol']:g})", highlight=False, soft_wrap=True)
     stdout.print(f"artifact: {out_dir}  build_id {manifest['build_id'][:16]}", highlight=False, soft_wrap=True)
+
+
+class TuneProgress:
+    """One bar per task (trials / --trials, best record, default schedule's time) and the model's
+    estimated time (the faster of the two per task, weighted by calls)."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        self._progress = Progress(TextColumn("{task.description}"), MofNCompleteColumn(), BarColumn(bar_width=10),
+                                  TextColumn("{task.fields[best]}"), console=console)
+        self._rows: dict[str, int] = {}
+
+    def __call__(self, states) -> None:
+        if not self._rows:
+            self._progress.start()
+            self._rows["model"] = self._progress.add_task(f"{'model (estimated)':33}", best="")
+            for s in states:
+                if s.goal:
+                    self._rows[s.workload] = self._progress.add_task(f"{s.name[:28]:28} ×{s.weight:<3}", best="")
+        estimate = sum(s.weight * s.expected_us for s in states if s.expected_us is not None)
+        self._progress.update(self._rows["model"], total=sum(s.goal for s in states),
+                              completed=sum(min(s.trials, s.goal) for s in states),
+                              best=_microseconds(estimate) if estimate else "")
+        for s in states:
+            if s.goal:
+                best = s.status if s.best_us is None else _microseconds(s.best_us)
+                default = "" if s.default_us is None else f" (default {_microseconds(s.default_us)})"
+                self._progress.update(self._rows[s.workload], total=s.goal, completed=min(s.trials, s.goal),
+                                      best=best + default)
+
+    def stop(self) -> None:
+        self._progress.stop()
+
+
+def _microseconds(us: float) -> str:
+    return f"{us:,.1f} µs" if us >= 10 else f"{us:.3g} µs"
+
+
+def _host_port(_ctx, _param, value: str | None) -> tuple[str, int] | None:
+    if value is None:
+        return None
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit():
+        raise click.BadParameter(f"{value!r} is not HOST:PORT")
+    return host, int(port)
+
+
+@cli.command("tune")
+@click.option("--model", "model_name", required=True, metavar="NAME",
+              callback=lambda _c, _p, v: (_check_name(v, models.get_model_cfg, models.UnknownModelError), v)[1],
+              help="Model variant (see `list-models`).")
+@click.option("--target", "target_name", default="x86", show_default=True, metavar="NAME",
+              callback=lambda _c, _p, v: (_check_name(v, targets.get_target, targets.UnknownTargetError), v)[1],
+              help="Target device (see `list-targets`).")
+@click.option("--trials", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Measured candidates wanted per task; tasks that have them already are skipped.")
+@click.option("--time-budget", type=click.FloatRange(min=0, min_open=True), default=None, metavar="MIN",
+              help="Start no new measurement after MIN minutes (the ones in flight finish and are saved).")
+@click.option("--rpc-tracker", callback=_host_port, default=None, metavar="HOST:PORT",
+              help="Measure on the boards registered with this TVM RPC tracker (needs --rpc-key).")
+@click.option("--rpc-key", default=None, metavar="KEY", help="The boards' key at the tracker.")
+@click.option("--db", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Database directory. Default: the target's under $PIPELINE_CACHE_DIR (~/.cache/pipeline)/tuning, "
+                   "the one `compile` applies.")
+@click.option("--tasks", "task_pattern", default="*", show_default=True, metavar="GLOB",
+              help="Tune only the tasks (fused functions) whose name matches.")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Batch size, as compiled.")
+@click.option("--fp16", is_flag=True, help="Tune the float16 build (`compile --fp16`).")
+def tune_cmd(model_name: str, target_name: str, trials: int, time_budget: float | None,
+             rpc_tracker: tuple[str, int] | None, rpc_key: str | None, db: Path | None, task_pattern: str,
+             batch: int, fp16: bool) -> None:
+    """Tune the model's fused TIR functions with MetaSchedule; `compile` applies the records.
+
+    Resumable: records are saved after every measured batch, so running the command again continues.
+    """
+    from .tune import RpcTracker, tune_model
+
+    if (rpc_tracker is None) != (rpc_key is None):
+        raise click.UsageError("--rpc-tracker and --rpc-key go together")
+    rpc = RpcTracker(*rpc_tracker, rpc_key) if rpc_tracker else None
+    progress = TuneProgress()
+    try:
+        report = tune_model(model_name, targets.get_target(target_name), trials=trials, batch=batch, fp16=fp16,
+                            db=db, time_budget_s=None if time_budget is None else 60 * time_budget, rpc=rpc,
+                            task_pattern=task_pattern, listener=progress)
+    except PipelineError as e:
+        progress.stop()
+        _fail(str(e), e.exit_code)
+    except KeyboardInterrupt:
+        progress.stop()
+        _fail("interrupted; the records measured so far are saved: run the same command again to continue", 130)
+    progress.stop()
+    for line in report.repairs:
+        console.print(f"  [yellow]repaired:[/yellow] {line}", highlight=False, soft_wrap=True)
+    for status, label in (("hand-scheduled", "hand-scheduled, not tuned"), ("tuned already", "tuned already (skipped)"),
+                          ("search space exhausted", "every candidate measured (fewer than --trials)")):
+        names = [t.name for t in report.tasks if t.status == status]
+        if names:
+            console.print(f"  {label}: {', '.join(names)}", highlight=False, soft_wrap=True)
+    failed = [t.name for t in report.tasks if t.new_trials and t.best_us is None]
+    if failed:
+        console.print(f"  [yellow]no valid record for:[/yellow] {', '.join(failed)} "
+                      f"(first error: {report.first_error})", highlight=False, soft_wrap=True)
+    if report.stopped_by_time_budget:
+        console.print("  time budget reached: run the same command again to continue", highlight=False)
+    estimate = report.estimated_latency_us
+    tuned = sum(1 for t in report.tasks if t.new_trials)
+    stdout.print(f"tuned {tuned} task(s): {report.new_records} new records ({report.new_valid} valid) in "
+                 f"{report.seconds:.0f} s; estimated {'-' if estimate is None else _microseconds(estimate)}; "
+                 f"database {report.database}", highlight=False, soft_wrap=True)
+
+
+@cli.command("package")
+@click.argument("artifact_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Bundle file: NAME.tar, or NAME.tar.gz / NAME.tgz for gzip. Default: ARTIFACT_DIR.tar beside it.")
+def package_cmd(artifact_dir: Path, out: Path | None) -> None:
+    """Pack an artifact into one bundle file for a board.
+
+    The bundle holds the library, params, manifest, reference inputs and outputs, and run.py, which
+    needs only numpy and the TVM runtime: on the board, `tar xf NAME.tar && python3 NAME/run.py`
+    checks every file's sha256, runs the model, compares its outputs and prints the latency.
+    """
+    from .bundle import make_bundle
+
+    try:
+        bundle = make_bundle(artifact_dir, out)
+    except PipelineError as e:
+        _fail(str(e), e.exit_code)
+    stdout.print(f"bundle: {bundle} ({bundle.stat().st_size / 1e6:.1f} MB)", highlight=False, soft_wrap=True)
+
+
+@cli.command("deploy")
+@click.argument("artifact", type=click.Path(path_type=Path, exists=True))
+@click.option("--device", "device_addr", callback=_host_port, default=None, metavar="HOST:PORT",
+              help="The board's TVM RPC server.")
+@click.option("--rpc-tracker", callback=_host_port, default=None, metavar="HOST:PORT",
+              help="A TVM RPC tracker the board registered with (needs --rpc-key).")
+@click.option("--rpc-key", default=None, metavar="KEY", help="The board's key at the tracker.")
+@click.option("--repeat", type=click.IntRange(min=1), default=50, show_default=True, help="Timed runs.")
+@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True, help="Untimed runs before timing.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True, metavar="S",
+              help="Give up when the board or tracker does not answer for S seconds (connecting included).")
+@click.option("--json-out", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Result file. Default: ARTIFACT.deploy.json beside the artifact or bundle.")
+def deploy_cmd(artifact: Path, device_addr: tuple[str, int] | None, rpc_tracker: tuple[str, int] | None,
+               rpc_key: str | None, repeat: int, warmup: int, timeout: float, json_out: Path | None) -> None:
+    """Run an artifact or bundle on a board over TVM RPC: check its sha256s, verify its outputs there, time it.
+
+    \b
+    SECURITY: a TVM RPC server runs whatever is uploaded to it; anyone who can reach its port
+    can run code on the board. Run it only on a trusted network, bound to a trusted interface:
+      on the board:  python3 -m tvm.exec.rpc_server --host 192.168.55.1 --port 9090
+      here:          python -m pipeline deploy artifacts/NAME --device 192.168.55.1:9090
+    (192.168.55.1: a Jetson's USB-network address; or --host 127.0.0.1 and an SSH tunnel).
+    Never --host 0.0.0.0 on a network you do not control.
+    """
+    from .deploy import Board, deploy
+
+    if (device_addr is None) == (rpc_tracker is None):
+        raise click.UsageError("give either --device HOST:PORT or --rpc-tracker HOST:PORT with --rpc-key")
+    if (rpc_tracker is None) != (rpc_key is None):
+        raise click.UsageError("--rpc-tracker and --rpc-key go together")
+    board = Board(*device_addr) if device_addr else Board(*rpc_tracker, tracker_key=rpc_key)
+    try:
+        result, json_path = deploy(artifact, board, warmup=warmup, repeat=repeat, timeout=timeout, json_out=json_out)
+    except PipelineError as e:
+        _fail(str(e), e.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    latency = result["latency_ms"]
+    console.print(f"  board: {board} ({result['board']['arch'] or 'CPU not reported by its runtime-only TVM'}), "
+                  f"device {result['board']['device']}",
+                  highlight=False, soft_wrap=True)
+    for check in result["verify"]["outputs"]:
+        console.print(f"  {check['name']}: max_abs {check['max_abs']:.3g}, max_rel {check['max_rel']:.3g} "
+                      f"(atol {check['atol']:g}, rtol {check['rtol']:g}) ok", highlight=False, soft_wrap=True)
+    stdout.print(f"{result['model']} on {board}: median {latency['median_ms']:.3f} ms, p90 {latency['p90_ms']:.3f} ms "
+                 f"over {latency['runs']} runs; result {json_path}", highlight=False, soft_wrap=True)
+
+
+def _print_table(table: tuple[list[str], list[list[str]]], title: str | None = None) -> None:
+    headers, rows = table
+    out = Table(*headers, title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for row in rows:
+        out.add_row(*row)
+    natural = stdout.measure(out, options=stdout.options.update_width(1000)).maximum
+    Console(width=max(stdout.width, natural)).print(out)  # never cut cells to fit 80 columns (CI logs)
+
+
+def _name_list(lookup, error_type):
+    """A click callback: a comma-separated list of names, each checked with ``lookup``."""
+    def check(_ctx, _param, value: str | None) -> tuple[str, ...]:
+        names = tuple(n.strip() for n in (value or "").split(",") if n.strip())
+        for name in names:
+            _check_name(name, lookup, error_type)
+        return names
+
+    return check
+
+
+def _peer(name: str) -> None:
+    from .bench import PEER_TIMERS
+
+    if name not in PEER_TIMERS:
+        raise ValueError(f"unknown runtime {name!r}; --compare takes {', '.join(PEER_TIMERS)}")
+
+
+@cli.command("bench")
+@click.option("--model", "model_name", required=True, metavar="NAME",
+              callback=lambda _c, _p, v: (_check_name(v, models.get_model_cfg, models.UnknownModelError), v)[1],
+              help="Model variant (see `list-models`).")
+@click.option("--target", "target_name", default="x86", show_default=True, metavar="NAME",
+              callback=lambda _c, _p, v: (_check_name(v, targets.get_target, targets.UnknownTargetError), v)[1],
+              help="Target device (see `list-targets`).")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Batch size, as compiled.")
+@click.option("--compare", "peers", default=None, metavar="RUNTIMES", callback=_name_list(_peer, ValueError),
+              help="Also time these, interleaved with the library: onnxruntime (model.sim.onnx), torch (eager, "
+                   "same weights).")
+@click.option("--artifact", type=click.Path(path_type=Path, exists=True), default=None,
+              help="Artifact directory or bundle. Default: artifacts/MODEL-TARGET[-bN], compiled first if missing.")
+@click.option("--per-layer", is_flag=True, help="Also time every compiled kernel and list the top ones.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Threads of TVM, ONNX Runtime and PyTorch. Default: this machine's cores.")
+@click.option("--max-seconds", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
+              help="Stop sampling after this long even when the medians are not yet within +-2%.")
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=Path("bench-results"),
+              show_default=True, help="Directory of the JSON, Markdown and PNG report.")
+@click.option("--device", "device_addr", callback=_host_port, default=None, metavar="HOST:PORT",
+              help="Time the library on a board's TVM RPC server instead of here (see `deploy --help`).")
+@click.option("--rpc-tracker", callback=_host_port, default=None, metavar="HOST:PORT",
+              help="A TVM RPC tracker the board registered with (needs --rpc-key).")
+@click.option("--rpc-key", default=None, metavar="KEY", help="The board's key at the tracker.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True, metavar="S",
+              help="With a board: give up when it does not answer for S seconds.")
+def bench_cmd(model_name: str, target_name: str, batch: int, peers: tuple[str, ...], artifact: Path | None,
+              per_layer: bool, threads: int | None, max_seconds: float, out: Path,
+              device_addr: tuple[str, int] | None, rpc_tracker: tuple[str, int] | None, rpc_key: str | None,
+              timeout: float) -> None:
+    """Measure the compiled model's latency (and its peers', interleaved in the same run); write a report.
+
+    Samples are taken in interleaved rounds, with a fixed reference kernel, until every median is known
+    within +-2% (95% interval) or --max-seconds pass. Each median is over that runtime's quiet samples
+    (within 10% of its fastest: other jobs on the machine only ever add time).
+    """
+    from .bench import Budget, bench_model
+    from .deploy import Board
+    from .report import bench_summary, bench_table, kernel_table, write_bench_report
+
+    if (rpc_tracker is None) != (rpc_key is None):
+        raise click.UsageError("--rpc-tracker and --rpc-key go together")
+    if device_addr and rpc_tracker:
+        raise click.UsageError("give either --device or --rpc-tracker, not both")
+    board = Board(*device_addr) if device_addr else Board(*rpc_tracker, tracker_key=rpc_key) if rpc_tracker else None
+    if board and (peers or per_layer):
+        raise click.UsageError("--compare and --per-layer run on this machine; they cannot be combined with a board")
+    spec = BuildSpec(model=model_name, target=target_name, batch=batch)
+    try:
+        result = bench_model(spec, artifact, peers=peers, per_layer=per_layer, threads=threads, board=board,
+                             timeout=timeout, budget=Budget(max_seconds=max_seconds), listener=StageProgress())
+        paths = write_bench_report(result, out)
+    except PipelineError as e:
+        _fail(str(e), e.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    console.print(bench_summary(result), highlight=False, soft_wrap=True)
+    _print_table(bench_table(result))
+    if result["kernels"]:
+        _print_table(kernel_table(result["kernels"], result["latency_ms"]["tvm"]["median"]), title="top kernels")
+    stdout.print(f"report: {paths['md']}  chart: {paths['png']}  data: {paths['json']}", highlight=False,
+                 soft_wrap=True)
+
+
+@cli.command("regress")
+@click.option("--models", "model_names", default=None, metavar="NAMES",
+              callback=_name_list(models.get_model_cfg, models.UnknownModelError),
+              help="Comma-separated models. Default: every model in this machine's baseline file.")
+@click.option("--target", "target_name", default="x86", show_default=True, metavar="NAME",
+              callback=lambda _c, _p, v: (_check_name(v, targets.get_target, targets.UnknownTargetError), v)[1],
+              help="Target (its libraries must run on this machine).")
+@click.option("--baselines", type=click.Path(path_type=Path, file_okay=False), default=Path("baselines"),
+              show_default=True, help="Root of the baseline files: BASELINES/<machine>/<target>.json.")
+@click.option("--artifacts", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Directory of the artifacts MODEL-TARGET (compiled there when missing). Default: artifacts/.")
+@click.option("--update", is_flag=True, help="Record the measurements as the new baselines instead of comparing.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="TVM threads; must match the baselines. 1: stable on a machine shared with other jobs.")
+@click.option("--max-seconds", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
+              help="Sampling time limit per model (reached only while other jobs keep the machine busy).")
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=Path("bench-results"),
+              show_default=True, help="Directory of the JSON and Markdown report.")
+def regress_cmd(model_names: tuple[str, ...], target_name: str, baselines: Path, artifacts: Path | None, update: bool,
+                threads: int, max_seconds: float, out: Path) -> None:
+    """Compare the models' latency with the baselines recorded on this machine; fail if one got slower.
+
+    Exit status: 0 all within tolerance, 4 a model is slower, 5 not judged (the machine was busy or
+    the measurement too noisy; rerun), 2 no baseline for this machine, target or model.
+    """
+    from .bench import Budget
+    from .regress import regress, verdict_error
+    from .report import kernel_diff_table, regress_table, write_regress_report
+
+    try:
+        comparisons, data, path = regress(list(model_names), target_name, root=baselines, artifacts=artifacts,
+                                          update=update, threads=threads, budget=Budget(max_seconds=max_seconds),
+                                          listener=StageProgress())
+        paths = write_regress_report(comparisons, data, path, out)
+    except PipelineError as e:
+        _fail(str(e), e.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted; no baseline was changed", 130)
+    _print_table(regress_table(comparisons, data["target"]))
+    for c in comparisons:
+        if c.verdict.status == "slower":
+            _print_table(kernel_diff_table(c), title=f"{c.model}: where the time went")
+    console.print(f"report: {paths['md']}", highlight=False, soft_wrap=True)
+    if update:
+        recorded = sum(c.verdict.status == "recorded" for c in comparisons)
+        stdout.print(f"recorded {recorded} baseline(s) in {path}", highlight=False, soft_wrap=True)
+    error = verdict_error(comparisons, data["target"])
+    if error is not None:
+        _fail(str(error), error.exit_code)
+    if not update:
+        stdout.print(f"{len(comparisons)} model(s) within {data['tolerance']:.0%} of their baselines in {path}",
+                     highlight=False, soft_wrap=True)
 
 
 @cli.command("list-models")

@@ -1,6 +1,7 @@
 """Typed errors. Each one is a user-facing, one-line message that says what to do next."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 
@@ -51,11 +52,9 @@ class OutputCheck:
     passed: bool
 
     def describe(self) -> str:
-        verdict = "ok" if self.passed else "FAILED"
-        return (
-            f"{self.name}: max_abs {self.max_abs:.3g}, max_rel {self.max_rel:.3g} "
-            f"(atol {self.atol:g}, rtol {self.rtol:g}) {verdict}"
-        )
+        from .runtime import describe  # the board-side runner prints checks the same way
+
+        return describe(dataclasses.asdict(self))
 
 
 class VerificationFailed(PipelineError):

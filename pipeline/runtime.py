@@ -1,35 +1,296 @@
-"""Run a compiled artifact's library. Needs only the TVM runtime and numpy (no compiler, torch or onnx),
-so the same code runs on a board."""
+"""Run a compiled artifact: the half of the pipeline that runs on a board.
+
+Needs only the Python standard library (3.10+), numpy and the TVM runtime: no compiler, torch, onnx
+or other pipeline module, so this one file runs on a board. `python -m pipeline package` copies it
+into every bundle as run.py:
+
+    python3 run.py [--repeat N] [--warmup N]                    # inside an extracted bundle
+    python3 -m pipeline.runtime BUNDLE_OR_DIR [--repeat N]      # a bundle file, or an artifact directory
+
+It checks every file against its sha256 in the manifest before loading anything, runs the model with
+the reference inputs, compares the outputs with the reference outputs at the tolerances recorded in
+the manifest, and prints the latency (median and p90 over --repeat runs after --warmup runs).
+Exit status: 0 ok, 1 this machine cannot run it, 2 bad or tampered bundle, 3 outputs differ.
+
+`pipeline deploy` runs the same functions against a board's TVM RPC session.
+"""
 from __future__ import annotations
 
+import argparse
+import hashlib
+import json
+import re
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import tvm
-from tvm.runtime.vm import VirtualMachine
+
+if TYPE_CHECKING:
+    import tvm
+    from tvm.runtime.vm import VirtualMachine
+
+MANIFEST = "manifest.json"
+RUNNER = "run.py"  # this file, inside a bundle
+LIBRARY = "lib.so"
+# What a run reads besides the manifest; a bundle carries exactly these, the manifest and the runner.
+RUN_FILES = (LIBRARY, "params.npz", "inputs.npz", "outputs.npz")
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]*\Z")  # one path component: no "/", no "..", no dotfile
+
+
+class BundleError(Exception):
+    """A bundle or artifact directory that is malformed, unsafe or fails its hash check."""
 
 
 class RuntimeUnavailable(RuntimeError):
-    """This TVM runtime cannot run the library here (no device support, or no device)."""
+    """This TVM runtime cannot run the library here (no TVM, no device support, or no device)."""
+
+
+class OutputsDiffer(Exception):
+    """The library's outputs differ from the reference outputs beyond the manifest's tolerances."""
+
+
+EXIT_CODES = {RuntimeUnavailable: 1, BundleError: 2, OutputsDiffer: 3}
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def extract_bundle(bundle: Path, dest: Path) -> Path:
+    """Extract a bundle file (.tar, .tar.gz) into ``dest`` (made if missing); return the bundle directory in it.
+
+    Only the layout `pipeline package` writes is accepted: one top directory of regular files with
+    plain names. Every member is checked before anything is written; absolute paths, ``..``, links,
+    devices and subdirectories are refused, and files are created exclusively inside a directory made
+    here, so nothing is ever written outside ``dest``.
+    """
+    try:
+        tar = tarfile.open(bundle, "r:*")
+    except (OSError, tarfile.TarError) as e:
+        raise BundleError(f"{bundle} is not a readable bundle ({e}); make one with `python -m pipeline package`") from None
+    with tar:
+        members = tar.getmembers()
+        tops, files = set(), []
+        for member in members:
+            parts = member.name.split("/")
+            plain = all(PLAIN_NAME.match(part) for part in parts)
+            if plain and len(parts) == 1 and member.isdir():
+                tops.add(parts[0])
+            elif plain and len(parts) == 2 and member.isreg():
+                tops.add(parts[0])
+                files.append(member)
+            else:
+                kind = "a link" if member.issym() or member.islnk() else "not a plain file in the bundle's directory"
+                raise BundleError(f"{bundle}: refusing to extract member {member.name!r} ({kind}); "
+                                  "only bundles from `python -m pipeline package` are accepted")
+        names = [m.name for m in files]
+        if len(tops) != 1 or len(set(names)) != len(names):
+            raise BundleError(f"{bundle}: expected one directory of distinct files, found {sorted(tops) or 'none'}; "
+                              "only bundles from `python -m pipeline package` are accepted")
+        directory = Path(dest) / tops.pop()
+        try:
+            directory.mkdir(parents=True)
+        except FileExistsError:
+            raise BundleError(f"{directory} already exists; extract into an empty directory") from None
+        for member in files:
+            with tar.extractfile(member) as src, open(directory / Path(member.name).name, "xb") as dst:
+                shutil.copyfileobj(src, dst)
+    return directory
+
+
+def read_manifest(directory: Path) -> dict:
+    try:
+        return json.loads((Path(directory) / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise BundleError(f"{directory} has no readable {MANIFEST} ({e}); give an artifact directory or a bundle "
+                          "from `python -m pipeline package`") from None
+
+
+def verify_files(directory: Path, manifest: dict) -> None:
+    """Raise BundleError unless every file in ``directory`` is one the manifest lists, with its sha256.
+
+    The manifest and the runner are the only files it does not list; the files a run needs must be there.
+    """
+    expected = manifest.get("files", {})
+    problems = [f"{name} is missing" for name in RUN_FILES if not (Path(directory) / name).exists()]
+    for entry in sorted(Path(directory).iterdir()):
+        if entry.is_symlink() or not entry.is_file():
+            problems.append(f"{entry.name} is not a regular file")
+        elif entry.name in (MANIFEST, RUNNER):
+            continue
+        elif entry.name not in expected:
+            problems.append(f"{entry.name} is not listed in the manifest")
+        elif sha256_file(entry) != expected[entry.name]:
+            problems.append(f"{entry.name} does not match its sha256 in the manifest (modified or corrupted)")
+    if problems:
+        raise BundleError(f"{directory} fails its manifest check: " + "; ".join(problems)
+                          + "; use an intact copy (or compile it again)")
+
+
+def load_arrays(directory: Path, manifest: dict) -> tuple[dict[str, np.ndarray], ...]:
+    """(params, inputs, reference outputs), each in the order the manifest lists them (the call order)."""
+    order = {"params.npz": manifest["params"], "inputs.npz": [t["name"] for t in manifest["inputs"]],
+             "outputs.npz": [t["name"] for t in manifest["outputs"]]}
+    arrays = []
+    for file, names in order.items():
+        with np.load(Path(directory) / file, allow_pickle=False) as z:
+            arrays.append({name: z[name] for name in names})
+    return tuple(arrays)
+
+
+def tolerances(manifest: dict) -> dict[str, tuple[float, float]]:
+    """(atol, rtol) per output name: the loosest the compile's numerics check recorded for it."""
+    found: dict[str, tuple[float, float]] = {}
+    for check in manifest["verify"]["outputs"]:
+        name = check["name"].rpartition("/")[2]  # "tvm/logits" -> "logits"
+        atol, rtol = found.get(name, (0.0, 0.0))
+        found[name] = (max(atol, check["atol"]), max(rtol, check["rtol"]))
+    return found
+
+
+def compare(name: str, actual: np.ndarray, expected: np.ndarray, atol: float, rtol: float) -> dict:
+    """Pass iff |actual - expected| <= atol + rtol * |expected| everywhere (numpy.allclose) and all finite.
+
+    max_rel divides by max(|expected|, atol) so near-zero references do not blow it up. Returns the
+    fields of pipeline.errors.OutputCheck.
+    """
+    if actual.shape != expected.shape:
+        return {"name": name, "shape": tuple(actual.shape), "max_abs": float("inf"), "max_rel": float("inf"),
+                "atol": atol, "rtol": rtol, "passed": False}
+    diff = np.abs(actual.astype(np.float64) - expected.astype(np.float64))
+    magnitude = np.abs(expected.astype(np.float64))
+    passed = bool(np.all(diff <= atol + rtol * magnitude)) and bool(np.all(np.isfinite(actual)))
+    max_abs = float(np.max(diff)) if diff.size else 0.0
+    max_rel = float(np.max(diff / np.maximum(magnitude, atol))) if diff.size else 0.0
+    return {"name": name, "shape": tuple(expected.shape), "max_abs": max_abs, "max_rel": max_rel,
+            "atol": atol, "rtol": rtol, "passed": passed}
+
+
+def check_outputs(outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray], manifest: dict) -> list[dict]:
+    """Compare every reference output with the library's, at the manifest's tolerances."""
+    limits = tolerances(manifest)
+    return [compare(name, outputs.get(name, np.empty(0)), expected, *limits[name]) for name, expected in reference.items()]
+
+
+def describe(check: dict) -> str:
+    return (f"{check['name']}: max_abs {check['max_abs']:.3g}, max_rel {check['max_rel']:.3g} "
+            f"(atol {check['atol']:g}, rtol {check['rtol']:g}) {'ok' if check['passed'] else 'FAILED'}")
 
 
 def load_vm(lib_path: Path, device: str) -> tuple[VirtualMachine, tvm.runtime.Device]:
+    try:
+        import tvm
+        from tvm.runtime.vm import VirtualMachine
+    except ImportError as e:
+        raise RuntimeUnavailable(f"cannot import TVM's runtime ({e}); install it (see docs/deploy.md)") from None
     if not tvm.runtime.enabled(device):
         # The PyPI aarch64 wheel links libcudart.so.13; on a CUDA 12 board (JetPack 6) it loads
         # without CUDA and says nothing, so say it here.
         raise RuntimeUnavailable(
             f"this TVM runtime ({tvm.__file__}) has no {device} support; on a Jetson, build TVM's runtime "
-            f"against the board's CUDA (see README, 'Running on a Jetson')")
+            f"against the board's CUDA (scripts/build_tvm_runtime_on_jetson.sh, see docs/deploy.md)")
     dev = tvm.runtime.device(device)
     if not dev.exist:
         raise RuntimeUnavailable(f"no {device} device found by the TVM runtime on this machine")
-    return VirtualMachine(tvm.runtime.load_module(str(lib_path)), dev), dev
+    try:
+        module = tvm.runtime.load_module(str(lib_path))
+    except RuntimeError as e:  # e.g. a library for another CPU: dlopen says "cannot open shared object file"
+        reason = str(e).strip().splitlines()[-1]
+        raise RuntimeUnavailable(f"cannot load {lib_path} here ({reason}); was it compiled for this machine?") from None
+    return VirtualMachine(module, dev), dev
+
+
+def to_device(arrays: list[np.ndarray], dev: tvm.runtime.Device) -> list[tvm.runtime.Tensor]:
+    """Copy arrays to ``dev`` (a local device, or a board's through an RPC session)."""
+    import tvm
+
+    return [tvm.runtime.tensor(a, dev) for a in arrays]
+
+
+def run_vm(vm: VirtualMachine, args: list[tvm.runtime.Tensor], output_names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Run "main" once and copy its outputs here.
+
+    A plain call, not set_input/get_outputs: VirtualMachine.get_outputs makes a reference cycle
+    (a recursive closure over the VM) that would keep an RPC session, and so the board's
+    one-session-at-a-time server, busy until Python's garbage collector happens to run.
+    """
+    import tvm
+
+    out = vm["main"](*args)
+    outs = (out,) if isinstance(out, tvm.runtime.Tensor) else tuple(out)
+    return {name: t.numpy() for name, t in zip(output_names, outs, strict=True)}
+
+
+def time_vm(vm: VirtualMachine, dev: tvm.runtime.Device, args: list[tvm.runtime.Tensor], warmup: int,
+            repeat: int) -> list[float]:
+    """Seconds of each of ``repeat`` runs of "main" after ``warmup`` untimed runs, timed where it runs."""
+    vm.set_input("main", *args)
+    for _ in range(warmup):
+        vm.invoke_stateful("main")
+    return list(vm.time_evaluator("invoke_stateful", dev, number=1, repeat=repeat)("main").results)
+
+
+def latency_stats(seconds: list[float]) -> dict[str, float]:
+    ms = np.asarray(seconds) * 1e3
+    return {"median_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90)), "mean_ms": float(ms.mean()),
+            "min_ms": float(ms.min()), "max_ms": float(ms.max()), "runs": len(seconds)}
 
 
 def run_library(lib_path: Path, device: str, params: dict[str, np.ndarray], inputs: dict[str, np.ndarray],
                 output_names: tuple[str, ...]) -> dict[str, np.ndarray]:
     vm, dev = load_vm(lib_path, device)
-    args = [tvm.runtime.tensor(v, dev) for v in (*inputs.values(), *params.values())]
-    out = vm["main"](*args)
-    outs = (out,) if isinstance(out, tvm.runtime.Tensor) else tuple(out)
-    return {name: t.numpy() for name, t in zip(output_names, outs, strict=True)}
+    return run_vm(vm, to_device([*inputs.values(), *params.values()], dev), output_names)
+
+
+def run_bundle(directory: Path, warmup: int, repeat: int) -> dict:
+    """Check, run, compare and time the artifact in ``directory``; OutputsDiffer if the outputs are wrong."""
+    manifest = read_manifest(directory)
+    verify_files(directory, manifest)  # before anything is loaded
+    params, inputs, reference = load_arrays(directory, manifest)
+    vm, dev = load_vm(Path(directory) / LIBRARY, manifest["target"]["device"])
+    args = to_device([*inputs.values(), *params.values()], dev)
+    checks = check_outputs(run_vm(vm, args, tuple(reference)), reference, manifest)
+    failed = [describe(c) for c in checks if not c["passed"]]
+    if failed:
+        raise OutputsDiffer("outputs differ from the reference: " + "; ".join(failed))
+    return {"manifest": manifest, "checks": checks, "latency": latency_stats(time_vm(vm, dev, args, warmup, repeat))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="run.py", description=__doc__.splitlines()[0])
+    parser.add_argument("bundle", nargs="?", type=Path, default=Path(__file__).resolve().parent,
+                        help="a bundle file (.tar, .tar.gz) or an artifact directory; default: this file's directory")
+    parser.add_argument("--repeat", type=int, default=50, help="timed runs (default 50)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed runs before timing (default 3)")
+    args = parser.parse_args(argv)
+    if args.repeat < 1 or args.warmup < 0:
+        parser.error("--repeat must be >= 1 and --warmup >= 0")
+    start = time.perf_counter()
+    try:
+        with tempfile.TemporaryDirectory(prefix="pipeline-bundle-") as tmp:
+            directory = args.bundle if args.bundle.is_dir() else extract_bundle(args.bundle, Path(tmp))
+            report = run_bundle(directory, args.warmup, args.repeat)
+    except tuple(EXIT_CODES) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CODES[type(e)]
+    manifest, latency = report["manifest"], report["latency"]
+    print(f"{manifest['model']['name']} for {manifest['target']['name']} (build {manifest['build_id'][:16]}): "
+          f"files match the manifest")
+    for check in report["checks"]:
+        print(describe(check))
+    print(f"latency: median {latency['median_ms']:.3f} ms, p90 {latency['p90_ms']:.3f} ms over {latency['runs']} runs "
+          f"after {args.warmup} warm-up, on {manifest['target']['device']} ({time.perf_counter() - start:.1f} s in all)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

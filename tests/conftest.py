@@ -19,7 +19,7 @@ CUDA_TARGETS = [t.name for t in targets.list_targets() if t.cuda]
 def run_cli(*args: str, **kwargs):
     import subprocess
 
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, **kwargs)
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, encoding="utf-8", **kwargs)
 
 
 @pytest.fixture(scope="session")

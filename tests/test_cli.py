@@ -111,7 +111,7 @@ def test_compile_with_a_checkpoint_and_replace_an_artifact(tmp_path):
 def test_interrupted_compile_leaves_no_artifact(tmp_path, sig):
     out = tmp_path / "art"
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "compile", "--model", "test_cyclemlp", "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8")
     deadline = time.time() + 60
     while not any(p.name.startswith(".art.partial-") and (p / "model.onnx").exists() for p in tmp_path.iterdir()):
         assert time.time() < deadline and proc.poll() is None, "compile never started writing"

@@ -176,7 +176,7 @@ def test_resources_match_cuobjdump(tmp_path):
     path = tmp_path / "k.cubin"
     path.write_bytes(s.cubins[0])
     out = subprocess.run([str(cuda_aot._find_in_nvidia("cu13/bin/cuobjdump")), "--dump-resource-usage",
-                          str(path)], capture_output=True, text=True, check=True).stdout
+                          str(path)], capture_output=True, text=True, encoding="utf-8", check=True).stdout
     for k in kernel_resources(s.cubins[0]):
         line = out.split(f"Function {k['name']}:")[1].splitlines()[1]
         assert f"REG:{k['registers']} " in line and f"SHARED:{k['shared_bytes']} " in line

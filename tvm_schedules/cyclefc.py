@@ -25,6 +25,11 @@ import tvm
 from tvm import te, tirx
 from tvm.s_tir import Schedule
 
+# The ISA table, vector widths and register-tile choice are shared with the default CPU rules
+# (tvm_schedules/cpu/isa.py; CPU_ACC_SCOPE there says why an accumulator tile is "global", not "local").
+from .cpu.isa import CPU_ACC_SCOPE as _CPU_ACC_SCOPE
+from .cpu.isa import cpu_tiles, cpu_vector_lanes, cpu_vector_registers
+
 __all__ = ["cyclefc_te", "cyclefc_primfunc", "schedule_cyclefc", "cpu_vector_lanes", "cpu_tiles", "SCHEDULES"]
 
 _LOW_PRECISION = ("float16", "bfloat16")
@@ -96,85 +101,6 @@ def cyclefc_primfunc(n, h, w, c, o, kernel_size, dtype="float32", has_bias=True,
 # CPU
 
 
-# ISA level -> (SIMD lanes of 32-bit floats, vector registers).
-_CPU_ISA = {"avx512": (16, 32), "avx2": (8, 16), "neon": (4, 32), "sse": (4, 16)}
-# -mcpu -> ISA level; anything not listed falls back to -mattr, then to the triple.
-_MCPU_ISA = {
-    "x86-64-v4": "avx512", "skylake-avx512": "avx512", "cascadelake": "avx512", "cooperlake": "avx512",
-    "icelake-server": "avx512", "icelake-client": "avx512", "sapphirerapids": "avx512", "znver4": "avx512",
-    "znver5": "avx512", "x86-64-v3": "avx2", "haswell": "avx2", "broadwell": "avx2", "skylake": "avx2",
-    "znver1": "avx2", "znver2": "avx2", "znver3": "avx2", "alderlake": "avx2",
-}
-_MATTR_ISA = {"+avx512f": "avx512", "+avx2": "avx2", "+neon": "neon"}
-
-# LowerTVMBuiltin (TVM 0.27) puts a constant-size CPU allocation on the stack only if its scope is "global"
-# and it is smaller than runtime::kMaxStackAlloca (1024 bytes); otherwise, and always for scope "local", it
-# becomes a TVMBackendAllocWorkspace call per tile, whose heap memory LLVM cannot promote to registers, so
-# every FMA would store its accumulator back (measured: 0.42 -> 0.24 ms at 1x56x56x64, kernel (3, 1)).
-# The accumulator tile is therefore a "global"-scope buffer allocated inside the parallel loop: a per-tile
-# stack array that LLVM's SROA turns into registers.
-_CPU_ACC_SCOPE = "global"
-_MAX_STACK_ALLOCA_BYTES = 1024
-_MAX_TILE_ROWS = 16
-
-
-def _cpu_isa(target: tvm.target.Target) -> str:
-    mcpu = str(target.attrs.get("mcpu", "") or "")
-    if mcpu in _MCPU_ISA:
-        return _MCPU_ISA[mcpu]
-    mattr = [str(a) for a in (target.attrs.get("mattr", None) or [])]
-    for attr, isa in _MATTR_ISA.items():
-        if attr in mattr:
-            return isa
-    triple = str(target.attrs.get("mtriple", "") or "")
-    if triple.startswith(("aarch64", "arm64")) or bool(target.attrs.get("feature.is_aarch64", False)):
-        return "neon"
-    return "sse"
-
-
-def cpu_vector_lanes(target: tvm.target.Target, dtype: str = "float32") -> int:
-    """SIMD lanes of ``dtype`` on this llvm target: 16 float32 for AVX-512, 8 for AVX2, 4 for NEON/SSE."""
-    lanes32 = _CPU_ISA[_cpu_isa(target)][0]
-    return max(1, lanes32 * 32 // tvm.runtime.DataType(dtype).bits)
-
-
-def _divisors_desc(n: int, hi: int, lo: int = 1) -> list[int]:
-    return [d for d in range(min(hi, n), max(lo, 1) - 1, -1) if n % d == 0]
-
-
-def cpu_tiles(
-    w: int, o: int, lanes: int, nregs: int, acc_bytes: int = 4, convert: bool = False
-) -> tuple[int, int, int]:
-    """Register tile (mr, nv, vec): mr output pixels along W by nv vectors of vec lanes along O.
-
-    * vec: the largest power of two <= ``lanes`` that divides O (O=64 -> 16, O=100 -> 4, O=11 -> 1);
-    * registers: mr*nv accumulators + nv weight vectors + 1 broadcast input + 1 spare <= nregs, the tile
-      under the 1 KiB stack limit (so at most 15 zmm accumulators on AVX-512), mr <= 16, nv <= 4;
-    * nv divides O/vec; mr is the largest divisor of W in [mr_max/2, mr_max], or else mr_max, with the
-      last tile of each image row guarded (a predicate on the unrolled rows, never on the vector lanes);
-    * choice: most accumulators holding real pixels, then unguarded, then most rows (on the Zen 4 here
-      14x1 beat 7x2 and 3x4 by 5-10% at 56x56x64 and 14x14x320). With ``convert`` (float16 inputs, so
-      every input scalar and weight vector is converted to float32 before its FMAs) the score is FMAs per
-      converted operand, mr*nv / (mr + nv), instead: 7x2 rather than 14x1 (0.37 vs 0.48 ms at 56x56x64).
-    """
-    vec = next(v for v in (lanes >> i for i in range(lanes.bit_length())) if o % v == 0)
-    nvec = o // vec
-    max_tile = max(1, (_MAX_STACK_ALLOCA_BYTES - 1) // (vec * acc_bytes))
-    best = None
-    for nv in _divisors_desc(nvec, 4):
-        mr_max = min((nregs - 2 - nv) // nv, max_tile // nv, _MAX_TILE_ROWS, w)
-        if mr_max < 1:
-            continue
-        mrs = _divisors_desc(w, mr_max, (mr_max + 1) // 2)
-        mr = mrs[0] if mrs else mr_max
-        used = w / (-(-w // mr) * mr)  # fraction of tile rows that are real pixels (1.0 when mr divides W)
-        score = mr * nv * used / (mr + nv) if convert else mr * nv * used
-        key = (score, bool(mrs), mr)  # useful accumulators (per conversion), then unguarded, then most rows
-        if best is None or key > best[0]:
-            best = (key, (mr, nv, vec))
-    return best[1] if best else (1, 1, vec)
-
-
 def _schedule_cpu(func: tirx.PrimFunc, target: tvm.target.Target, tile: tuple[int, int] | None = None):
     """Loops: parallel(N*H * W/mr * O/(nv*vec)) { init tile; for c: unroll mr { unroll nv { vector vec } };
     epilogue tile }. ``tile`` = (mr, nv) overrides :func:`cpu_tiles` (for experiments)."""
@@ -184,7 +110,7 @@ def _schedule_cpu(func: tirx.PrimFunc, target: tvm.target.Target, tile: tuple[in
     b, y, xx, oo, kk = sch.get_loops(mm)
     w, o = int(sch.get(xx).extent), int(sch.get(oo).extent)
     acc = _acc_dtype(str(func.params[0].dtype))
-    lanes, nregs = cpu_vector_lanes(target, acc), _CPU_ISA[_cpu_isa(target)][1]
+    lanes, nregs = cpu_vector_lanes(target, acc), cpu_vector_registers(target)
     convert = acc != str(func.params[0].dtype)
     mr, nv, vec = cpu_tiles(w, o, lanes, nregs, tvm.runtime.DataType(acc).bits // 8, convert)
     if tile is not None:

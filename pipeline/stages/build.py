@@ -42,7 +42,7 @@ def build(mod: tvm.IRModule, spec: TargetSpec, path: Path) -> dict:
         executable.export_library(str(path), fcompile=linker)
     except CudaToolchainError as e:
         raise BuildError(f"{spec.name}: {e}") from None
-    except tvm.TVMError as e:
+    except RuntimeError as e:  # TVM's FFI errors (InternalError, ...) are RuntimeErrors
         raise BuildError(f"TVM build for {spec.name} failed: {str(e).splitlines()[0]}") from e
     report = {"tvm_target": str(target), "linker": linker.linker if linker else "host C compiler (TVM default)"}
     if cuda_session is not None:

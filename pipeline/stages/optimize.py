@@ -8,10 +8,18 @@ from tvm import relax
 
 from targets import TargetSpec
 from tvm_schedules.passes.rewrite_cyclefc import rewrite_cyclefc
+from tvm_schedules.cpu import apply_default_schedules as cpu_default_schedules
+from ..tune import apply_records
 from .build import tvm_target
 
 # Each graph pass: (mod, params, tvm target) -> (mod, params, report). Applied to every model, in order.
 GRAPH_PASSES = (rewrite_cyclefc,)
+
+# Default schedules for the fused functions that neither our kernels nor tuning records scheduled, by TVM
+# target kind: (mod, tvm target) -> (mod, report). GPU kinds have none here: their default pipeline
+# schedules with dlight; the llvm pipeline schedules nothing, which left untuned CPU builds 100-300x
+# slower than ONNX Runtime.
+DEFAULT_SCHEDULES = {"llvm": cpu_default_schedules}
 
 
 def lower_to_fused_tir(mod: tvm.IRModule) -> tvm.IRModule:
@@ -28,9 +36,9 @@ def lower_to_fused_tir(mod: tvm.IRModule) -> tvm.IRModule:
     ])(mod)
 
 
-def optimize(mod: tvm.IRModule, params: dict[str, np.ndarray], target: TargetSpec, fp16: bool = False
-             ) -> tuple[tvm.IRModule, dict[str, np.ndarray], dict]:
-    """Return the optimized module, the params it still needs, and a report per step."""
+def lower(mod: tvm.IRModule, params: dict[str, np.ndarray], target: TargetSpec, fp16: bool = False
+          ) -> tuple[tvm.IRModule, dict[str, np.ndarray], dict]:
+    """Our graph rewrites, then fused TIR: the module whose functions are the tuning tasks (pipeline.tune)."""
     reports = {}
     for graph_pass in GRAPH_PASSES:
         mod, params, reports[graph_pass.__name__] = graph_pass(mod, params, tvm_target(target))
@@ -39,3 +47,22 @@ def optimize(mod: tvm.IRModule, params: dict[str, np.ndarray], target: TargetSpe
         mod = relax.transform.ToMixedPrecision(out_dtype="float16")(mod)
         reports["precision"] = "float16 (ToMixedPrecision: conv/matmul inputs and accumulators in float16)"
     return lower_to_fused_tir(mod), params, reports
+
+
+def optimize(mod: tvm.IRModule, params: dict[str, np.ndarray], target: TargetSpec, fp16: bool = False
+             ) -> tuple[tvm.IRModule, dict[str, np.ndarray], dict]:
+    """Return the optimized module, the params it still needs, and a report per step."""
+    mod, params, reports = lower(mod, params, target, fp16)
+    mod, reports["tuning"] = apply_records(mod, target)  # the target's tuning database, if any
+    mod, reports["default_schedules"] = apply_default_schedules(mod, target)
+    return mod, params, reports
+
+
+def apply_default_schedules(mod: tvm.IRModule, target: TargetSpec) -> tuple[tvm.IRModule, dict]:
+    """Schedule what is still unscheduled with the target kind's default rules (none: left to the build)."""
+    tvm_tgt = tvm_target(target)
+    schedule = DEFAULT_SCHEDULES.get(tvm_tgt.kind.name)
+    if schedule is None:
+        return mod, {"applied": False, "reason": f"no default schedules for target kind {tvm_tgt.kind.name!r}"}
+    mod, report = schedule(mod, tvm_tgt)
+    return mod, {"applied": True, **report}

@@ -50,8 +50,8 @@ def write_artifact(work: Path, *, model_name: str, cfg: ModelCfg, batch: int, we
         "outputs": tensor_specs(reference),
         "params": list(params),  # the library's weight arguments, in call order
         "files": {p.name: sha256_file(p) for p in sorted(work.iterdir()) if p.is_file()},
-        "passes": passes,
-        "tuning": {"records_applied": 0, "database": None},
+        "passes": {step: report for step, report in passes.items() if step != "tuning"},
+        "tuning": passes["tuning"],  # optimize's apply step: database, records applied, to which functions
         "verify": {"passed": all(c.passed for c in checks), "reference": "pytorch", "compiled_library": library_run,
                    "outputs": [dataclasses.asdict(c) for c in checks]},
     }

@@ -1,0 +1,297 @@
+"""`tune`: MetaSchedule records into a per-target database that `compile` applies.
+
+Tuning runs here are tiny (test_mixer, one or two tasks, one or two trials each). Every tune runs
+as a subprocess with PIPELINE_CACHE_DIR or --db pointing into tmp_path, so the pytest process and
+the user's cache stay untouched.
+"""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import tvm
+
+import targets
+from pipeline.run import compile_model
+from pipeline.spec import BuildSpec
+from pipeline.tune import (NOTES, RECORDS, WORKLOADS, RpcTracker, RpcUnavailable, TuningDatabaseCorrupt,
+                           TuningUnsupported, check_tracker, database_dir, extract_tasks, open_database, tune,
+                           tuning_module)
+
+X86 = targets.get_target("x86")
+TIMEOUT_S = 240
+
+
+def tune_cli(*args: str, env: dict | None = None, prefix: tuple[str, ...] = ("-m", "pipeline")):
+    return subprocess.run([sys.executable, *prefix, "tune", "--model", "test_mixer", *args], capture_output=True,
+                          text=True, encoding="utf-8", env={**os.environ, **(env or {})}, timeout=TIMEOUT_S)
+
+
+def assert_consistent(path: Path) -> int:
+    """The database loads and every record's trace applies to the workload its line points at."""
+    database = open_database(path)
+    records = database.get_all_tuning_records()
+    for record in records:
+        schedule = tvm.s_tir.Schedule(record.workload.mod)
+        record.trace.apply_to_schedule(schedule, remove_postproc=False)  # fails on another workload's trace
+    return len(records)
+
+
+def valid_records(path: Path, mod: tvm.IRModule, name: str) -> int:
+    task = next(t for t in extract_tasks(mod, X86) if t.name == name)
+    return open_database(path).stats(task.mod)[0]
+
+
+@pytest.fixture(scope="module")
+def mixer():
+    return tuning_module("test_mixer", X86)
+
+
+TASKS = ("fused_matmul_add1", "fused_matmul_add1_divide_erf_add2_multiply_multiply1")  # --tasks 'fused_matmul_add1*'
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """test_mixer's TASKS tuned (1 trial each) into the default database of a fresh cache, by a tune that
+    was killed with SIGKILL once its first record was saved, then run again.
+
+    Returns (cache, records when killed, the second run's output).
+    """
+    cache = tmp_path_factory.mktemp("cache")
+    env = {**os.environ, "PIPELINE_CACHE_DIR": str(cache)}
+    command = [sys.executable, "-m", "pipeline", "tune", "--model", "test_mixer", "--trials", "1",
+               "--tasks", "fused_matmul_add1*"]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + TIMEOUT_S
+        while not any(p.stat().st_size for p in cache.glob(f"tuning/*/{RECORDS}")):
+            assert proc.poll() is None and time.time() < deadline, "the first record was never saved"
+            time.sleep(0.05)
+        assert proc.poll() is None, "the tune finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)  # the tune itself, mid-way
+    finally:
+        _kill_group(proc)  # and the build / run workers it leaves behind
+    killed_at = assert_consistent(next(cache.glob("tuning/*")))
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, encoding="utf-8", timeout=TIMEOUT_S)
+    assert rerun.returncode == 0, rerun.stderr
+    return cache, killed_at, rerun
+
+
+def test_resume_after_kill_9(tuned, mixer):
+    cache, killed_at, rerun = tuned
+    path = next(cache.glob("tuning/*"))
+    assert killed_at >= 1
+    assert "tuned already (skipped): " in rerun.stderr  # the task whose batch was saved is not measured again
+    assert "tuned 1 task(s)" in rerun.stdout
+    assert assert_consistent(path) > killed_at
+    assert all(valid_records(path, mixer, name) == 1 for name in TASKS)
+
+
+def test_tune_writes_the_targets_database(tuned, monkeypatch):
+    cache, _, rerun = tuned
+    monkeypatch.setenv("PIPELINE_CACHE_DIR", str(cache))
+    path = database_dir(X86)
+    assert path.parent == cache / "tuning" and path.name.startswith("x86-") and path.is_dir()
+    assert f"database {path}" in rerun.stdout and "estimated" in rerun.stdout
+    # progress: each task's trials, best time and its default schedule's time
+    assert all(f"{name[:28]:28} ×2" in rerun.stderr for name in TASKS) and "µs (default" in rerun.stderr
+
+
+def test_a_workload_tuned_for_one_model_serves_another(tuned, mixer):
+    path = next(tuned[0].glob("tuning/*"))
+    tuned_task = next(t for t in extract_tasks(mixer, X86) if t.name == TASKS[0])
+    (shared,) = [t for t in extract_tasks(tuning_module("test_resmlp", X86), X86) if t.workload == tuned_task.workload]
+    assert open_database(path).stats(shared.mod).valid == 1  # whatever the function is called there
+
+
+def test_database_is_keyed_by_target(monkeypatch, tmp_path):
+    monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_path))
+    dirs = {database_dir(t) for t in targets.list_targets()}
+    assert len(dirs) == len(targets.list_targets()) and all(d.parent == tmp_path / "tuning" for d in dirs)
+
+
+def test_compile_applies_records_that_beat_the_default_schedule(tuned, monkeypatch, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(tuned[0], cache)
+    monkeypatch.setenv("PIPELINE_CACHE_DIR", str(cache))
+    path = database_dir(X86)
+    _, manifest = compile_model(BuildSpec(model="test_mixer", target="x86"), tmp_path / "as-tuned")
+    tuning = manifest["tuning"]
+    assert tuning["database"] == str(path)
+    # The tune timed the default schedule too: the record applies only where it is faster.
+    (chosen,) = [report for report in (tuning["functions"], tuning["default_faster"]) if "fused_matmul_add1" in report]
+    times = chosen["fused_matmul_add1"]
+    assert (times["run_us"] < times["default_us"]) == (chosen is tuning["functions"])
+    assert tuning["records_applied"] == len(tuning["functions"])
+    # Where the record is the faster one (here: a later note says the default takes a second), it is
+    # compiled in, and the library still matches PyTorch.
+    with open(path / NOTES, "a") as f:
+        f.write('[0,"default_secs",1.0]\n[1,"default_secs",1.0]\n')
+    _, manifest = compile_model(BuildSpec(model="test_mixer", target="x86"), tmp_path / "record-wins")
+    assert manifest["tuning"]["records_applied"] == 2 and set(manifest["tuning"]["functions"]) == set(TASKS)
+    assert manifest["verify"]["passed"]
+
+
+def test_compile_without_a_database_applies_nothing(monkeypatch, tmp_path, mixer):
+    monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_path))
+    from pipeline.tune import apply_records
+    applied, report = apply_records(mixer, X86)
+    assert report == {"database": str(database_dir(X86)), "records_applied": 0, "functions": {}, "default_faster": {}}
+    assert applied.same_as(mixer) and not (tmp_path / "tuning").exists()
+
+
+def test_truncated_last_line_is_dropped_and_reported(tuned, tmp_path):
+    db = tmp_path / "db"
+    shutil.copytree(next((tuned[0] / "tuning").iterdir()), db)
+    records = (db / RECORDS).read_bytes().count(b"\n")
+    with open(db / RECORDS, "ab") as f:
+        f.write(b'[0,[[["sample_tile",')  # what a kill in the middle of an append leaves
+    database = open_database(db)
+    assert len(database) == records and database.repairs and "truncated last line" in database.repairs[0]
+    assert (db / RECORDS).read_bytes().endswith(b"]\n") and not open_database(db).repairs
+
+
+@pytest.mark.parametrize("name, line", [(RECORDS, b"garbage\n"), (RECORDS, b"[7,[]]\n"), (WORKLOADS, b'["1","AAAA"]\n'),
+                                        (NOTES, b'[0,"bogus",1]\n')])
+def test_corrupt_database_is_refused(tuned, monkeypatch, tmp_path, name, line):
+    cache = tmp_path / "cache"
+    shutil.copytree(tuned[0], cache)
+    monkeypatch.setenv("PIPELINE_CACHE_DIR", str(cache))
+    path = database_dir(X86)
+    lines = (path / name).read_bytes().splitlines(keepends=True)
+    (path / name).write_bytes(b"".join(lines[:1] + [line] + lines[1:]))  # not the last line: no repair applies
+    with pytest.raises(TuningDatabaseCorrupt, match=f"{name} line 2: .*move the directory aside"):
+        open_database(path)
+    if name == RECORDS and line == b"garbage\n":  # compile refuses it too, rather than ignoring it
+        with pytest.raises(TuningDatabaseCorrupt):
+            compile_model(BuildSpec(model="test_mixer", target="x86"), tmp_path / "art")
+        assert not (tmp_path / "art").exists()
+
+
+def test_concurrent_tunes_share_one_database(tmp_path, mixer):
+    db = tmp_path / "db"
+    procs = [subprocess.Popen([sys.executable, "-m", "pipeline", "tune", "--model", "test_mixer", "--trials", "1",
+                               "--tasks", task, "--db", str(db)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, encoding="utf-8", start_new_session=True)
+             for task in ("fused_matmul2_add6", "fused_matmul3_add7")]
+    try:
+        outputs = [proc.communicate(timeout=TIMEOUT_S) for proc in procs]
+    finally:
+        for proc in procs:
+            _kill_group(proc)
+    assert [proc.returncode for proc in procs] == [0, 0], [err for _, err in outputs]
+    assert (db / WORKLOADS).read_bytes().count(b"\n") == 2
+    assert assert_consistent(db) == 2
+    assert valid_records(db, mixer, "fused_matmul2_add6") == valid_records(db, mixer, "fused_matmul3_add7") == 1
+
+
+def test_no_valid_record_fails_loudly(tmp_path):
+    # Every build times out: the tune must say so, with the first error, and exit non-zero.
+    script = ("import sys, pipeline.tune; pipeline.tune.BUILD_TIMEOUT_S = 0.01; from pipeline.cli import cli; "
+              "cli(sys.argv[1:], prog_name='pipeline')")
+    result = tune_cli("--trials", "1", "--tasks", "fused_matmul3_add7", "--db", str(tmp_path / "db"),
+                      prefix=("-c", script))
+    assert result.returncode == 1, result.stderr
+    assert "error: no valid tuning record: all 1 measured candidates failed" in result.stderr
+    assert "LocalBuilder: Timeout" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_hand_scheduled_cyclefc_is_not_tuned(tmp_path):
+    mod = tuning_module("test_cyclemlp", X86)
+    tasks = extract_tasks(mod, X86)
+    assert {t.name.rstrip("0123456789") for t in tasks if t.hand_scheduled} == {"cyclefc"}
+    with pytest.raises(TuningUnsupported, match="no task to tune matches"):
+        tune(mod, X86, open_database(tmp_path / "db"), trials=1, task_pattern="cyclefc*")
+
+
+def test_rpc_arguments_are_checked(tmp_path):
+    result = tune_cli("--rpc-tracker", "127.0.0.1:9190")
+    assert result.returncode == 2 and "--rpc-tracker and --rpc-key go together" in result.stderr
+    result = tune_cli("--rpc-tracker", "nowhere", "--rpc-key", "k")
+    assert result.returncode == 2 and "is not HOST:PORT" in result.stderr
+    with pytest.raises(RpcUnavailable, match="cannot reach the RPC tracker"):
+        check_tracker(RpcTracker("127.0.0.1", free_port(), "k"))
+
+
+# ---- RPC: a real tracker and server on loopback ------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Kill what we started (the process and its workers: it leads its own session)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+def _wait_for(condition, what: str, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"{what} within {timeout} s"
+        time.sleep(0.2)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture(scope="module")
+def rpc_tracker(tmp_path_factory):
+    """A TVM RPC tracker and one x86 server registered under a key, both on 127.0.0.1.
+
+    Yields (tracker, the server's log file)."""
+    logs = tmp_path_factory.mktemp("rpc")
+    tracker_port, server_port, key = free_port(), free_port(), "pipeline-test-x86"
+    procs = []
+
+    def start(name: str, *args: str) -> None:
+        with open(logs / f"{name}.log", "w") as log:
+            procs.append(subprocess.Popen([sys.executable, "-m", f"tvm.exec.{name}", "--host", "127.0.0.1", *args],
+                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+
+    try:
+        start("rpc_tracker", "--port", str(tracker_port), "--port-end", str(tracker_port + 1))
+        _wait_for(lambda: _listening(tracker_port), "the tracker listens")
+        start("rpc_server", "--port", str(server_port), "--port-end", str(server_port + 1),
+              "--tracker", f"127.0.0.1:{tracker_port}", "--key", key)
+        tracker = RpcTracker("127.0.0.1", tracker_port, key)
+
+        def registered() -> bool:
+            try:
+                return check_tracker(tracker) == 1
+            except RpcUnavailable:
+                return False
+
+        _wait_for(registered, "the server registers with the tracker")
+        yield tracker, logs / "rpc_server.log"
+    finally:
+        for proc in procs:
+            _kill_group(proc)
+
+
+def test_rpc_measurement(rpc_tracker, tmp_path, mixer):
+    tracker, server_log = rpc_tracker
+    with pytest.raises(RpcUnavailable, match="no board is registered under key 'other'"):
+        check_tracker(RpcTracker(tracker.host, tracker.port, "other"))
+    db = tmp_path / "db"
+    result = tune_cli("--trials", "1", "--tasks", "fused_matmul2_add6", "--db", str(db),
+                      "--rpc-tracker", f"{tracker.host}:{tracker.port}", "--rpc-key", tracker.key)
+    assert result.returncode == 0, result.stderr
+    assert "1 new records (1 valid)" in result.stdout
+    assert valid_records(db, mixer, "fused_matmul2_add6") == 1
+    # measured by the server: it loaded the candidates, linked here (the default schedule and the record)
+    assert server_log.read_text().count("load_module") >= 2 and "candidate.so" in server_log.read_text()

@@ -1,0 +1,384 @@
+"""Contraction: a register-tiled, vectorized, parallel schedule for matmul, batch_matmul and conv2d on CPU.
+
+What it matches: a fused function with exactly one reduction block of the form ``C[s] += A[.] * B[.]``
+(casts allowed), any number of injective producers (padding, reshapes) and consumers (bias, GELU, BN, add,
+cast...). That covers dense/matmul with either operand transposed, token-mixing batch matmuls, and NCHW
+conv2d: 1x1, depthwise k x k, strided patch embeddings and overlapping strided convs.
+
+How it schedules (the model is the CycleFC kernel's CPU schedule, ``tvm_schedules.cyclefc``):
+
+* **vector axis v**: a spatial iter along which one operand is contiguous (stride 1) and the other is
+  broadcast (stride 0): ``n`` for ``A[m,k] B[k,n]``, the pixel column for a 1x1 or depthwise conv. When
+  no iter is like that, or the best one only allows a narrow vector (``N = 196`` on AVX-512 gives 4
+  lanes), one operand is *packed*: copied once per call into a buffer whose last dim is v (weights
+  ``W[f,c,kh,kw]`` -> ``[c,kh,kw,f]`` for a patch-embedding or strided conv, ``B[n,k]`` -> ``[k,n]`` for a
+  transposed weight). The vector width is the widest power of two <= the SIMD width dividing v's extent,
+  so vector lanes never need a guard.
+* **row axis u**: another spatial iter, preferably one the vector operand does not depend on (so each
+  vector load feeds mr FMAs), else the one closest to contiguous in the output. A narrow vector axis
+  continued contiguously by its outer neighbour (an NCHW image row: y then x) is fused with it.
+* **register tile** mr rows x nv vectors (``isa.gemm_tiles``: most FMAs per operand load that fit the
+  vector registers and the 1 KiB stack-allocation limit): loops ``parallel(outer spatial tiles) { zero
+  tile; for reduction: unroll mr { unroll nv { vector vec } } ; epilogue on the tile }``. The accumulator
+  tile is a "global"-scope buffer allocated inside the parallel loop, which LLVM keeps in registers
+  (``isa.CPU_ACC_SCOPE`` says why not "local"). Rows that do not divide are guarded (a predicate on the
+  unrolled rows, never on vector lanes). The parallel tiles run rows-outside or vector-tiles-outside,
+  whichever re-reads less operand data.
+* **epilogue**: injective consumers are inlined into one block that is computed per tile
+  (``reverse_compute_at``), reading the accumulators while they are hot, vectorized along the output's
+  contiguous axis or else the accumulator's (GELU's erf is made vectorizable by ``fast_math``); when that
+  is not possible the result goes through a cache_write tile and the remaining consumers run as parallel
+  vector loops.
+* producers with conditions (zero padding) are materialized once, as a fill plus a vectorized interior
+  copy, instead of being inlined into the inner loop; plain copies and elementwise producers are inlined.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tvm
+import tvm_ffi
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+
+from .base import CPURule, logger
+from .common import (MIN_PARALLEL_ITERS, NotApplicable, access_stride, buffer_shape, get_sblock_realize, has_div_mod,
+                     has_if_then_else, numel, pow2_divisor, root_blocks, schedule_spatial_block, static_extent,
+                     tensor_loads, uses_var)
+from .isa import CPU_ACC_SCOPE, cpu_vector_lanes, cpu_vector_registers, gemm_tiles
+
+# Pack an operand (one copy per call) only when that widens the vector by at least this factor, or when
+# nothing can be vectorized without it.
+_PACK_GAIN = 2
+
+
+@dataclass
+class _Operand:
+    load: tvm.ir.TensorLoad
+    strides: dict  # iter var -> access stride (None: not constant)
+
+
+@dataclass
+class _Plan:
+    v: tirx.Var  # vector axis
+    vec: int
+    pack: int | None  # index into operands of the one to pack, or None
+    pack_dim: int | None  # the dim of that operand indexed by v
+
+
+def _strip_cast(e):
+    while isinstance(e, tirx.Cast):
+        e = e.value
+    return e
+
+
+def _match_mac(block) -> tuple[tirx.BufferStore, list] | None:
+    """``C[s] = C[s] + A[.] * B[.]`` (casts anywhere on A, B or the product) -> (store, [A, B])."""
+    store = block.body
+    if not isinstance(store, tirx.BufferStore):
+        return None
+    value = store.value
+    if not isinstance(value, tirx.Add):
+        return None
+    for acc, prod in ((value.a, value.b), (value.b, value.a)):
+        acc = _strip_cast(acc)
+        if not (isinstance(acc, tvm.ir.TensorLoad) and acc.source.same_as(store.buffer)
+                and all(tvm_ffi.structural_equal(x, y) for x, y in zip(acc.indices, store.indices))):
+            continue
+        prod = _strip_cast(prod)
+        if not isinstance(prod, tirx.Mul):
+            return None
+        a, b = _strip_cast(prod.a), _strip_cast(prod.b)
+        if isinstance(a, tvm.ir.TensorLoad) and isinstance(b, tvm.ir.TensorLoad):
+            return store, [a, b]
+        return None
+    return None
+
+
+def _pure_index_dim(load, var: tirx.Var) -> int | None:
+    """The one dim of ``load`` indexed by exactly ``var``, with no other dim using it; else None."""
+    dims = [i for i, idx in enumerate(load.indices) if uses_var(idx, var)]
+    if len(dims) == 1 and isinstance(load.indices[dims[0]], tirx.Var) and load.indices[dims[0]].same_as(var):
+        return dims[0]
+    return None
+
+
+def _is_affine_copy(block) -> bool:
+    """An injective producer worth inlining into the inner loop: no condition, no div/mod indexing."""
+    return not has_if_then_else(block) and not has_div_mod(block.body.value)
+
+
+class Contraction(CPURule):
+    """Register-tiled GEMM-like schedule for matmul / batch_matmul / conv2d with fused epilogues (CPU)."""
+
+    def schedule(self, func: tirx.PrimFunc, target: tvm.target.Target) -> s_tir.Schedule:
+        try:
+            return self._schedule(func, target, force_cache_write=False)
+        except s_tir.ScheduleError as e:  # e.g. the epilogue cannot follow the tile: accumulate into a cache
+            logger.debug("Contraction: retrying with cache_write: %s", str(e).splitlines()[0:1])
+            return self._schedule(func, target, force_cache_write=True)
+
+    # ------------------------------------------------------------------------------------------------------
+
+    def _schedule(self, func: tirx.PrimFunc, target: tvm.target.Target, force_cache_write: bool):
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if not infos:
+            raise NotApplicable
+        reductions = [i for i in infos if not i.is_injective()]
+        if len(reductions) != 1 or set(reductions[0].dom_kind()) - {"S", "R"}:
+            raise NotApplicable
+        main_info = reductions[0]
+        main = main_info.block_rv
+        if _match_mac(sch.get(main)) is None or any(not isinstance(d, int) for d in main_info.dom()):
+            raise NotApplicable
+        position = infos.index(main_info)
+
+        # 1. producers: inline plain copies / elementwise ops; padding and reshapes stay materialized.
+        for info in reversed(infos[:position]):
+            if _is_affine_copy(sch.get(info.block_rv)):
+                try:
+                    sch.compute_inline(info.block_rv)
+                except s_tir.ScheduleError:
+                    pass
+        # 2. consumers: inline the epilogue chain into its last block(s).
+        pending = list(infos[position + 1:])
+        progress = True
+        while progress:
+            progress = False
+            for info in list(pending):
+                try:
+                    sch.compute_inline(info.block_rv)
+                except s_tir.ScheduleError:
+                    continue
+                pending.remove(info)
+                progress = True
+
+        block = sch.get(main)
+        store, loads = _match_mac(block)
+        out_buffer = store.buffer
+        is_param_output = any(out_buffer.same_as(b) for b in sch.mod["main"].params)
+        consumers = list(sch.get_consumers(main))
+        if force_cache_write or is_param_output or len(consumers) != 1:
+            epilogue = sch.cache_write(main, 0, CPU_ACC_SCOPE)
+        else:
+            epilogue = consumers[0]
+            sch.set_scope(main, 0, CPU_ACC_SCOPE)
+
+        # 3. axes: vector axis (packing an operand if that pays), row axis.
+        iters = list(block.iter_vars)
+        spatial = [iv for iv in iters if iv.iter_type == tirx.IterVar.DataPar]
+        reduce_ = [iv for iv in iters if iv.iter_type == tirx.IterVar.CommReduce]
+        loops = dict(zip([iv.var for iv in iters], main_info.get_loops()))
+        acc_dtype = str(out_buffer.ty.dtype)
+        lanes = cpu_vector_lanes(target, acc_dtype)
+        operands = [_Operand(ld, {iv.var: access_stride(ld.indices, buffer_shape(ld.source), iv.var) for iv in iters})
+                    for ld in loads]
+        out_strides = {iv.var: access_stride(store.indices, buffer_shape(out_buffer), iv.var) for iv in spatial}
+        plan = self._choose_vector_axis(spatial, operands, out_strides, lanes)
+        if plan.pack is not None:
+            operands[plan.pack] = self._pack(sch, main, operands[plan.pack], plan, iters)
+        v_iv = next(iv for iv in spatial if iv.var.same_as(plan.v))
+        u_iv = self._choose_row_axis(spatial, v_iv, operands, out_strides)
+        # The accumulator tile is ours: lay it out (rows..., vector) so each vector is contiguous.
+        acc_dim = _pure_index_dim(_match_mac(sch.get(main))[0], v_iv.var)
+        ndim = len(store.indices)
+        if acc_dim is not None and acc_dim != ndim - 1:
+            order = [d for d in range(ndim) if d != acc_dim] + [acc_dim]
+            sch.transform_layout(main, ("write", 0), lambda *idx: [idx[d] for d in order])
+
+        # A narrow vector axis whose outer neighbour continues it contiguously everywhere (an NCHW image
+        # row: y then x) is fused with it: 16x16 pixels become one 256-wide axis, room for nv > 1.
+        w_iv = self._widen_vector_axis(iters, v_iv, u_iv, operands, out_strides, acc_dim == ndim - 1 or acc_dim is None)
+
+        # 4. register tile and loop nest.
+        acc_bytes = max(1, tvm.runtime.DataType(acc_dtype).bits // 8)
+        v_ext = int(v_iv.dom.extent) * (int(w_iv.dom.extent) if w_iv is not None else 1)
+        u_ext = int(u_iv.dom.extent) if u_iv is not None else 1
+        vec = pow2_divisor(v_ext, lanes) if w_iv is not None else plan.vec
+        mr, nv = gemm_tiles(u_ext, v_ext, vec, cpu_vector_registers(target), acc_bytes)
+        v_loop = sch.fuse(loops[w_iv.var], loops[v_iv.var]) if w_iv is not None else loops[v_iv.var]
+        logger.debug("Contraction: vector %s%s (%d lanes) x rows %s, tile %dx%d, packed operand %s",
+                     v_iv.var.name, f"*{w_iv.var.name}" if w_iv is not None else "", vec,
+                     u_iv.var.name if u_iv is not None else "-", mr, nv, plan.pack)
+        v_outer, v_nv, v_lane = sch.split(v_loop, [None, nv, vec])
+        tile_loops = [v_nv, v_lane]
+        if u_iv is not None:
+            u_outer, u_inner = sch.split(loops[u_iv.var], [None, mr])
+            tile_loops.insert(0, u_inner)
+        outer = []  # (iter, its loop outside the tile), in iteration order
+        for iv in spatial:
+            if iv is w_iv:
+                continue
+            if iv is v_iv:
+                outer.append((iv, v_outer))
+            elif u_iv is not None and iv is u_iv:
+                outer.append((iv, u_outer))
+            else:
+                outer.append((iv, loops[iv.var]))
+        outer = [loop for _, loop in self._order_outer(outer, v_iv, u_iv, operands, mr, (v_ext, nv * vec))]
+        sch.reorder(*outer, *[loops[iv.var] for iv in reduce_], *tile_loops)
+        fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+        work = 1
+        for d in main_info.dom():
+            work *= d
+        if work >= MIN_PARALLEL_ITERS * 16:  # multiply-adds: below this, waking the thread pool costs more
+            sch.parallel(fused)
+        sch.reverse_compute_at(epilogue, fused, preserve_unit_loops=True)
+        if vec > 1:
+            sch.vectorize(v_lane)
+        sch.unroll(v_nv)
+        if u_iv is not None:
+            sch.unroll(tile_loops[0])
+        if reduce_:
+            sch.decompose_reduction(main, loops[reduce_[0].var])
+        self._schedule_epilogue(sch, epilogue, lanes, _match_mac(sch.get(main))[0].buffer)
+
+        # 5. whatever is left at the root (padding, packing, other outputs): parallel vector loops.
+        tile_nest = sch.get(fused)
+        for blk in root_blocks(sch):
+            blk_loops = sch.get_loops(blk)
+            if not blk_loops or sch.get(blk_loops[0]).same_as(tile_nest):
+                continue
+            if any(iv.iter_type != tirx.IterVar.DataPar for iv in sch.get(blk).iter_vars):
+                continue
+            schedule_spatial_block(sch, blk, target)
+        return sch
+
+    # ------------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _choose_vector_axis(spatial, operands, out_strides, lanes) -> _Plan:
+        candidates = []
+        for iv in spatial:
+            ext = int(iv.dom.extent)
+            if ext < 2:
+                continue
+            strides = [op.strides[iv.var] for op in operands]
+            if any(s is None for s in strides):
+                continue
+            width = pow2_divisor(ext, lanes)
+            out_contig = out_strides.get(iv.var) == 1
+            if set(strides) <= {0, 1} and 1 in strides:
+                candidates.append((width, 1, out_contig, ext, _Plan(iv.var, width, None, None)))
+                continue
+            bad = [i for i, s in enumerate(strides) if s not in (0, 1)]
+            if len(bad) == 1:
+                dim = _pure_index_dim(operands[bad[0]].load, iv.var)
+                if dim is not None:
+                    candidates.append((width, 0, out_contig, ext, _Plan(iv.var, width, bad[0], dim)))
+        if not candidates:
+            raise NotApplicable
+        direct = [c for c in candidates if c[1]]
+        packed = [c for c in candidates if not c[1]]
+        best_direct = max(direct, key=lambda c: c[:4]) if direct else None
+        best_packed = max(packed, key=lambda c: c[:4]) if packed else None
+        if best_direct is not None and (best_packed is None or best_packed[0] < _PACK_GAIN * best_direct[0]):
+            return best_direct[4]
+        return best_packed[4]
+
+    @staticmethod
+    def _pack(sch, main, operand: _Operand, plan: _Plan, iters) -> _Operand:
+        """Copy the operand into a buffer with the vector axis' dim last (once per call, at the root)."""
+        block = sch.get(main)
+        read_index = next(i for i, r in enumerate(block.reads) if r.source.same_as(operand.load.source))
+        sch.cache_read(main, read_index, "global")
+        ndim = len(operand.load.indices)
+        order = [d for d in range(ndim) if d != plan.pack_dim] + [plan.pack_dim]
+        sch.transform_layout(main, ("read", read_index), lambda *idx: [idx[d] for d in order])
+        block = sch.get(main)
+        load = next(ld for ld in _match_mac(block)[1] if ld.source.same_as(block.reads[read_index].source))
+        return _Operand(load, {iv.var: access_stride(load.indices, buffer_shape(load.source), iv.var) for iv in iters})
+
+    @staticmethod
+    def _choose_row_axis(spatial, v_iv, operands, out_strides):
+        vector_ops = [op for op in operands if op.strides[v_iv.var] == 1]
+        best = None
+        for iv in spatial:
+            if iv is v_iv or int(iv.dom.extent) < 2:
+                continue
+            reuse = all(op.strides[iv.var] == 0 for op in vector_ops)
+            stride = out_strides.get(iv.var)
+            key = (reuse, -(stride if stride is not None else 1 << 40), int(iv.dom.extent))
+            if best is None or key > best[0]:
+                best = (key, iv)
+        return best[1] if best else None
+
+    @staticmethod
+    def _widen_vector_axis(iters, v_iv, u_iv, operands, out_strides, acc_last):
+        i = next(k for k, iv in enumerate(iters) if iv is v_iv)
+        if i == 0 or not acc_last:
+            return None
+        w_iv = iters[i - 1]
+        v_ext = int(v_iv.dom.extent)
+        if (w_iv.iter_type != tirx.IterVar.DataPar or w_iv is u_iv or int(w_iv.dom.extent) < 2 or v_ext >= 64
+                or out_strides.get(v_iv.var) != 1 or out_strides.get(w_iv.var) != v_ext):
+            return None
+        for op in operands:
+            sv, sw = op.strides[v_iv.var], op.strides[w_iv.var]
+            if not ((sv == 1 and sw == v_ext) or (sv == 0 and sw == 0)):
+                return None
+        return w_iv
+
+    @staticmethod
+    def _order_outer(outer, v_iv, u_iv, operands, rows, cols):
+        """Parallel tiles in iteration order, or with the row tiles inside the vector tiles when that moves
+        less data: rows outside re-read the whole vector operand once per row tile, vector tiles outside
+        re-read the whole broadcast operand once per vector tile (the panels reused meanwhile stay in
+        cache). E.g. ConvMixer's 1x1 conv (W 4 MB broadcast, X 1 MB vector, 1024 x 256 outputs, tile
+        2 x 64): 512 MB rows-outside vs 17 MB vector-tiles-outside."""
+        if u_iv is None:
+            return outer
+        vector_bytes = sum(numel(op.load.source) for op in operands if op.strides[v_iv.var] == 1)
+        broadcast_bytes = sum(numel(op.load.source) for op in operands if op.strides[v_iv.var] != 1)
+        rows_outside = -(-int(u_iv.dom.extent) // rows) * vector_bytes + broadcast_bytes
+        vectors_outside = -(-cols[0] // cols[1]) * broadcast_bytes + vector_bytes
+        iu = next(i for i, (iv, _) in enumerate(outer) if iv is u_iv)
+        iv_ = next(i for i, (iv, _) in enumerate(outer) if iv is v_iv)
+        if (vectors_outside < rows_outside) == (iu < iv_):
+            outer = list(outer)
+            outer[iu], outer[iv_] = outer[iv_], outer[iu]
+        return outer
+
+    @staticmethod
+    def _schedule_epilogue(sch, epilogue, lanes, acc_buffer):
+        """The per-tile epilogue: vectorized along the output's contiguous axis when the tile is wide enough
+        there, else along the accumulator's vector axis (strided stores, but the GELU math in vectors),
+        the other tile loops unrolled."""
+        loops = sch.get_loops(epilogue)[1:]  # below the fused parallel loop: the tile
+        if not loops:
+            return
+        stmt = sch.get(epilogue)
+        values = get_sblock_realize(sch, epilogue).iter_values
+        loop_vars = [sch.get(lp).loop_var for lp in loops]
+        iter_of_loop = {}
+        for i, lv in enumerate(loop_vars):
+            users = [iv.var for iv, val in zip(stmt.iter_vars, values) if uses_var(val, lv)]
+            if len(users) == 1:
+                iter_of_loop[i] = users[0]
+        store = stmt.body
+        out_contig = acc_contig = None
+        acc_loads = [ld for ld in tensor_loads(store.value) if ld.source.same_as(acc_buffer)]
+        for i, var in iter_of_loop.items():
+            if access_stride(store.indices, buffer_shape(store.buffer), var) == 1:
+                out_contig = i
+            if acc_loads and all(access_stride(ld.indices, buffer_shape(ld.source), var) == 1 for ld in acc_loads):
+                acc_contig = i
+        extents = [static_extent(sch, lp) or 1 for lp in loops]
+        chosen = None
+        for cand in (out_contig, acc_contig, len(loops) - 1):
+            if cand is not None and pow2_divisor(extents[cand], lanes) >= min(8 if cand == out_contig else 4, lanes):
+                chosen = cand
+                break
+        if chosen is not None:
+            if chosen != len(loops) - 1:
+                sch.reorder(*[lp for i, lp in enumerate(loops) if i != chosen], loops[chosen])
+            vec = pow2_divisor(extents[chosen], lanes)
+            if vec < extents[chosen]:
+                _, lane = sch.split(loops[chosen], [None, vec])
+                sch.vectorize(lane)
+            else:
+                sch.vectorize(loops[chosen])
+        for i, lp in enumerate(loops):
+            if i != chosen and extents[i] > 1:
+                sch.unroll(lp)

@@ -1,0 +1,121 @@
+"""What the CPU schedules need to know about an llvm target: SIMD width, register count, register tiles.
+
+Shared by the CycleFC kernel (``tvm_schedules.cyclefc``) and the default CPU rules (``tvm_schedules.cpu``).
+"""
+from __future__ import annotations
+
+import tvm
+
+__all__ = ["cpu_isa", "cpu_vector_lanes", "cpu_vector_registers", "cpu_tiles", "CPU_ACC_SCOPE",
+           "MAX_STACK_ALLOCA_BYTES"]
+
+# ISA level -> (SIMD lanes of 32-bit floats, vector registers).
+CPU_ISA = {"avx512": (16, 32), "avx2": (8, 16), "neon": (4, 32), "sse": (4, 16)}
+# -mcpu -> ISA level; anything not listed falls back to -mattr, then to the triple.
+MCPU_ISA = {
+    "x86-64-v4": "avx512", "skylake-avx512": "avx512", "cascadelake": "avx512", "cooperlake": "avx512",
+    "icelake-server": "avx512", "icelake-client": "avx512", "sapphirerapids": "avx512", "znver4": "avx512",
+    "znver5": "avx512", "x86-64-v3": "avx2", "haswell": "avx2", "broadwell": "avx2", "skylake": "avx2",
+    "znver1": "avx2", "znver2": "avx2", "znver3": "avx2", "alderlake": "avx2",
+}
+MATTR_ISA = {"+avx512f": "avx512", "+avx2": "avx2", "+neon": "neon"}
+
+# LowerTVMBuiltin (TVM 0.27) puts a constant-size CPU allocation on the stack only if its scope is "global"
+# and it is smaller than runtime::kMaxStackAlloca (1024 bytes); otherwise, and always for scope "local", it
+# becomes a TVMBackendAllocWorkspace call per tile, whose heap memory LLVM cannot promote to registers, so
+# every FMA would store its accumulator back (measured: 0.42 -> 0.24 ms at 1x56x56x64, CycleFC kernel (3, 1)).
+# An accumulator tile is therefore a "global"-scope buffer allocated inside the parallel loop: a per-tile
+# stack array that LLVM's SROA turns into registers.
+CPU_ACC_SCOPE = "global"
+MAX_STACK_ALLOCA_BYTES = 1024
+MAX_TILE_ROWS = 16
+
+
+def cpu_isa(target: tvm.target.Target) -> str:
+    """The SIMD level of an llvm target: "avx512", "avx2", "neon" or "sse" (the baseline)."""
+    mcpu = str(target.attrs.get("mcpu", "") or "")
+    if mcpu in MCPU_ISA:
+        return MCPU_ISA[mcpu]
+    mattr = [str(a) for a in (target.attrs.get("mattr", None) or [])]
+    for attr, isa in MATTR_ISA.items():
+        if attr in mattr:
+            return isa
+    triple = str(target.attrs.get("mtriple", "") or "")
+    if triple.startswith(("aarch64", "arm64")) or bool(target.attrs.get("feature.is_aarch64", False)):
+        return "neon"
+    return "sse"
+
+
+def cpu_vector_lanes(target: tvm.target.Target, dtype: str = "float32") -> int:
+    """SIMD lanes of ``dtype`` on this llvm target: 16 float32 for AVX-512, 8 for AVX2, 4 for NEON/SSE."""
+    lanes32 = CPU_ISA[cpu_isa(target)][0]
+    return max(1, lanes32 * 32 // tvm.runtime.DataType(dtype).bits)
+
+
+def cpu_vector_registers(target: tvm.target.Target) -> int:
+    """Architectural SIMD registers: 32 for AVX-512 and NEON, 16 for AVX2/SSE."""
+    return CPU_ISA[cpu_isa(target)][1]
+
+
+def _divisors_desc(n: int, hi: int, lo: int = 1) -> list[int]:
+    return [d for d in range(min(hi, n), max(lo, 1) - 1, -1) if n % d == 0]
+
+
+def gemm_tiles(m: int, n: int, vec: int, nregs: int, acc_bytes: int = 4) -> tuple[int, int]:
+    """Register tile (mr, nv) for a GEMM-like loop nest with ``vec``-lane vectors along ``n``: mr rows of
+    ``m`` (broadcast operand) by nv vectors (vector operand), for the default CPU rules.
+
+    Unlike :func:`cpu_tiles` (tuned on the CycleFC kernel, K = 64), the score is FMAs per operand load,
+    mr*nv / (mr + nv), what bounds a long-K GEMM (mixer_s16's 196x2048x512 on the Zen 4 here: 14x1 ran
+    6.3 ms, 7x2 5.3, 3x4 4.0), times the fraction of tile rows that are real; a tile whose rows do not
+    divide ``m`` is guarded by a branch that LLVM leaves inside the reduction loop, so it counts 0.85
+    (196 rows: 7x2 beat a guarded 3x4, 3.7 vs 4.0 ms; 1024 rows: a guarded 3x4 beat 2x4, 4.8 vs 5.5 ms).
+    Limits: accumulators + nv vector loads + 1 broadcast + 1 spare <= nregs, the tile under the 1 KiB
+    stack-allocation limit, mr <= 16, nv <= 4 and dividing n / vec.
+    """
+    nvec = max(1, n // vec)
+    max_tile = max(1, (MAX_STACK_ALLOCA_BYTES - 1) // (vec * acc_bytes))
+    best = None
+    for nv in _divisors_desc(nvec, 4):
+        mr_max = min((nregs - 2 - nv) // nv, max_tile // nv, MAX_TILE_ROWS, max(m, 1))
+        for mr in range(mr_max, 0, -1):
+            tiles = -(-m // mr)
+            used = m / (tiles * mr)
+            score = mr * nv / (mr + nv) * used * (1.0 if m % mr == 0 else 0.85)
+            key = (round(score, 6), mr * nv, nv)
+            if best is None or key > best[0]:
+                best = (key, (mr, nv))
+    return best[1] if best else (1, 1)
+
+
+def cpu_tiles(
+    w: int, o: int, lanes: int, nregs: int, acc_bytes: int = 4, convert: bool = False
+) -> tuple[int, int, int]:
+    """Register tile (mr, nv, vec): mr rows (extent ``w``) by nv vectors of vec lanes (extent ``o``).
+
+    * vec: the largest power of two <= ``lanes`` that divides O (O=64 -> 16, O=100 -> 4, O=11 -> 1);
+    * registers: mr*nv accumulators + nv weight vectors + 1 broadcast input + 1 spare <= nregs, the tile
+      under the 1 KiB stack limit (so at most 15 zmm accumulators on AVX-512), mr <= 16, nv <= 4;
+    * nv divides O/vec; mr is the largest divisor of W in [mr_max/2, mr_max], or else mr_max, with the
+      last tile of each row guarded (a predicate on the unrolled rows, never on the vector lanes);
+    * choice: most accumulators holding real pixels, then unguarded, then most rows (on the Zen 4 here
+      14x1 beat 7x2 and 3x4 by 5-10% at 56x56x64 and 14x14x320 in the CycleFC kernel). With ``convert``
+      (float16 inputs, so every input scalar and weight vector is converted to float32 before its FMAs)
+      the score is FMAs per converted operand, mr*nv / (mr + nv), instead: 7x2 rather than 14x1.
+    """
+    vec = next(v for v in (lanes >> i for i in range(lanes.bit_length())) if o % v == 0)
+    nvec = o // vec
+    max_tile = max(1, (MAX_STACK_ALLOCA_BYTES - 1) // (vec * acc_bytes))
+    best = None
+    for nv in _divisors_desc(nvec, 4):
+        mr_max = min((nregs - 2 - nv) // nv, max_tile // nv, MAX_TILE_ROWS, w)
+        if mr_max < 1:
+            continue
+        mrs = _divisors_desc(w, mr_max, (mr_max + 1) // 2)
+        mr = mrs[0] if mrs else mr_max
+        used = w / (-(-w // mr) * mr)  # fraction of tile rows that are real rows (1.0 when mr divides W)
+        score = mr * nv * used / (mr + nv) if convert else mr * nv * used
+        key = (score, bool(mrs), mr)  # useful accumulators (per conversion), then unguarded, then most rows
+        if best is None or key > best[0]:
+            best = (key, (mr, nv, vec))
+    return best[1] if best else (1, 1, vec)

@@ -1,0 +1,107 @@
+"""RowReduction: layer_norm, softmax, mean and other row-wise reductions with their injective neighbours (CPU)."""
+from __future__ import annotations
+
+import tvm
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.s_tir.dlight.base import try_inline_contiguous_spatial
+
+from .base import CPURule
+from .common import (MIN_PARALLEL_ITERS, NotApplicable, access_stride, buffer_shape, get_sblock_realize,
+                     pow2_divisor, static_extent, tensor_loads, uses_var, vectorize_inner)
+from .isa import cpu_vector_lanes
+
+
+def _leading_spatial(dom_kind: str) -> int:
+    return len(dom_kind) - len(dom_kind.lstrip("S"))
+
+
+class RowReduction(CPURule):
+    """Functions with reduction blocks (sum, max, mean...) that all share leading spatial axes: one parallel
+    loop over those rows (from the last block), every other block computed per row under it, the
+    injective ones vectorized along their innermost axis. A reduction along a contiguous row is split by
+    the vector width and rfactored, so a row is summed as one vector of partial sums and then 16 scalars
+    (layer_norm over 196x512 here: 0.2 -> 0.03 ms); other reductions (a mean over strided tokens) run
+    serially along the row.
+
+    Like dlight's ``cpu.Reduction``, but vectors are never guarded (TVM scalarizes guarded vector loops),
+    row sums are vectorized, and tiny functions stay serial."""
+
+    def schedule(self, func: tirx.PrimFunc, target: tvm.target.Target) -> s_tir.Schedule:
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if not infos or all(info.is_injective() for info in infos):
+            raise NotApplicable
+        infos = try_inline_contiguous_spatial(sch, infos)
+        if not infos or any(set(info.dom_kind()) - {"S", "R"} for info in infos):
+            raise NotApplicable
+        rows = min(_leading_spatial(info.dom_kind()) for info in infos)
+        if rows == 0:
+            raise NotApplicable
+        # Reductions along a contiguous row: rfactor by a vector width, so each row is reduced as a
+        # vector of partial results (then one short scalar sum), not a scalar dependency chain.
+        partials = [rf for info in infos if not info.is_injective()
+                    for rf in [self._vector_partials(sch, info.block_rv, target)] if rf is not None]
+        last = infos[-1]
+        loops = sch.get_loops(last.block_rv)
+        row_loop = sch.fuse(*loops[:rows]) if rows > 1 else loops[0]
+        work = 1
+        for info in infos:
+            n = 1
+            for d in info.dom():
+                n *= d if isinstance(d, int) else 1 << 20
+            work += n
+        if (static_extent(sch, row_loop) or 2) > 1 and work >= MIN_PARALLEL_ITERS:
+            sch.parallel(row_loop)
+        for info in reversed(infos[:-1]):
+            for rf in partials:
+                if sch.get(rf[1]).same_as(sch.get(info.block_rv)):
+                    sch.compute_at(info.block_rv, row_loop, preserve_unit_loops=True)
+                    sch.compute_at(rf[0], row_loop, preserve_unit_loops=True)
+                    break
+            else:
+                sch.compute_at(info.block_rv, row_loop, preserve_unit_loops=True)
+        for rf, _ in partials:  # loops below the row: the reduction outside, the vector of partials inside
+            stmt = sch.get(rf)
+            values = get_sblock_realize(sch, rf).iter_values
+            kinds = {}
+            for lp in sch.get_loops(rf):
+                users = [iv for iv, val in zip(stmt.iter_vars, values) if uses_var(val, sch.get(lp).loop_var)]
+                if len(users) == 1:
+                    kinds[lp] = users[0].iter_type
+            lanes_loop = [lp for lp, kind in kinds.items() if kind == tirx.IterVar.DataPar][-1]
+            reduce_loops = [lp for lp, kind in kinds.items() if kind == tirx.IterVar.CommReduce]
+            sch.reorder(*reduce_loops, lanes_loop)
+            sch.vectorize(lanes_loop)
+            sch.decompose_reduction(rf, reduce_loops[0])
+        for info in infos:
+            if not info.is_injective():
+                continue
+            inner = sch.get_loops(info.block_rv)[-1]
+            if not sch.get(inner).same_as(sch.get(row_loop)):
+                stmt = sch.get(info.block_rv)
+                dtype = str(stmt.writes[0].source.ty.dtype) if len(stmt.writes) else "float32"
+                vectorize_inner(sch, inner, cpu_vector_lanes(target, dtype))
+        return sch
+
+    @staticmethod
+    def _vector_partials(sch, block, target):
+        """rfactor the innermost reduction loop of ``block`` by the vector width when the row is contiguous;
+        returns (rf block, block) or None."""
+        stmt = sch.get(block)
+        loops = sch.get_loops(block)
+        if not loops or stmt.iter_vars[-1].iter_type != tirx.IterVar.CommReduce or len(loops) != len(stmt.iter_vars):
+            return None
+        var = stmt.iter_vars[-1].var
+        extent = static_extent(sch, loops[-1])
+        store = stmt.body
+        if extent is None or not isinstance(store, tirx.BufferStore):
+            return None
+        lanes = cpu_vector_lanes(target, str(store.buffer.ty.dtype))
+        vec = pow2_divisor(extent, lanes)
+        loads = [ld for ld in tensor_loads(store.value) if not ld.source.same_as(store.buffer)]
+        strides = [access_stride(ld.indices, buffer_shape(ld.source), var) for ld in loads]
+        if vec < min(4, lanes) or extent < 2 * vec or 1 not in strides or any(st not in (0, 1) for st in strides):
+            return None
+        _, inner = sch.split(loops[-1], [None, vec])
+        return sch.rfactor(inner, factor_axis=len(stmt.iter_vars) - 1), block
