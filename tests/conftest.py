@@ -34,3 +34,17 @@ def compiled(tmp_path_factory):
         return cache[(model, target)]
 
     return get
+
+
+@pytest.fixture(autouse=True, scope="session")
+def isolated_tuning_cache(tmp_path_factory):
+    """Compiles in tests must not pick up a developer's own tuning database (~/.cache/pipeline/tuning)."""
+    import os
+
+    old = os.environ.get("PIPELINE_CACHE_DIR")
+    os.environ["PIPELINE_CACHE_DIR"] = str(tmp_path_factory.mktemp("pipeline-cache"))
+    yield
+    if old is None:
+        os.environ.pop("PIPELINE_CACHE_DIR")
+    else:
+        os.environ["PIPELINE_CACHE_DIR"] = old
