@@ -47,18 +47,34 @@ def _check_name(name: str, lookup, error_type) -> None:
         raise click.BadParameter(str(e)) from None
 
 
+def _validated(lookup, error_type):
+    """A click callback that rejects unknown names with the registry's own message (close names suggested)."""
+    def callback(_ctx, _param, value):
+        if value is not None:
+            _check_name(value, lookup, error_type)
+        return value
+
+    return callback
+
+
+model_option = click.option("--model", "model_name", required=True, metavar="NAME",
+                            callback=_validated(models.get_model_cfg, models.UnknownModelError),
+                            help="Model variant (see `list-models`).")
+
+
+def target_option(help_text: str = "Target device (see `list-targets`)."):
+    return click.option("--target", "target_name", default="x86", show_default=True, metavar="NAME",
+                        callback=_validated(targets.get_target, targets.UnknownTargetError), help=help_text)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """Compile MLP-style vision models from PyTorch to verified TVM artifacts for edge devices."""
 
 
 @cli.command("compile")
-@click.option("--model", "model_name", required=True, metavar="NAME",
-              callback=lambda _c, _p, v: (_check_name(v, models.get_model_cfg, models.UnknownModelError), v)[1],
-              help="Model variant (see `list-models`).")
-@click.option("--target", "target_name", default="x86", show_default=True, metavar="NAME",
-              callback=lambda _c, _p, v: (_check_name(v, targets.get_target, targets.UnknownTargetError), v)[1],
-              help="Target device (see `list-targets`).")
+@model_option
+@target_option()
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Batch size compiled in.")
 @click.option("--weights", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="A PyTorch state_dict checkpoint (timm / official layout). Default: seeded random weights.")
@@ -140,12 +156,8 @@ def _host_port(_ctx, _param, value: str | None) -> tuple[str, int] | None:
 
 
 @cli.command("tune")
-@click.option("--model", "model_name", required=True, metavar="NAME",
-              callback=lambda _c, _p, v: (_check_name(v, models.get_model_cfg, models.UnknownModelError), v)[1],
-              help="Model variant (see `list-models`).")
-@click.option("--target", "target_name", default="x86", show_default=True, metavar="NAME",
-              callback=lambda _c, _p, v: (_check_name(v, targets.get_target, targets.UnknownTargetError), v)[1],
-              help="Target device (see `list-targets`).")
+@model_option
+@target_option()
 @click.option("--trials", type=click.IntRange(min=1), default=64, show_default=True,
               help="Measured candidates wanted per task; tasks that have them already are skipped.")
 @click.option("--time-budget", type=click.FloatRange(min=0, min_open=True), default=None, metavar="MIN",
@@ -301,12 +313,8 @@ def _peer(name: str) -> None:
 
 
 @cli.command("bench")
-@click.option("--model", "model_name", required=True, metavar="NAME",
-              callback=lambda _c, _p, v: (_check_name(v, models.get_model_cfg, models.UnknownModelError), v)[1],
-              help="Model variant (see `list-models`).")
-@click.option("--target", "target_name", default="x86", show_default=True, metavar="NAME",
-              callback=lambda _c, _p, v: (_check_name(v, targets.get_target, targets.UnknownTargetError), v)[1],
-              help="Target device (see `list-targets`).")
+@model_option
+@target_option()
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Batch size, as compiled.")
 @click.option("--compare", "peers", default=None, metavar="RUNTIMES", callback=_name_list(_peer, ValueError),
               help="Also time these, interleaved with the library: onnxruntime (model.sim.onnx), torch (eager, "
@@ -369,9 +377,7 @@ def bench_cmd(model_name: str, target_name: str, batch: int, peers: tuple[str, .
 @click.option("--models", "model_names", default=None, metavar="NAMES",
               callback=_name_list(models.get_model_cfg, models.UnknownModelError),
               help="Comma-separated models. Default: every model in this machine's baseline file.")
-@click.option("--target", "target_name", default="x86", show_default=True, metavar="NAME",
-              callback=lambda _c, _p, v: (_check_name(v, targets.get_target, targets.UnknownTargetError), v)[1],
-              help="Target (its libraries must run on this machine).")
+@target_option("Target (its libraries must run on this machine).")
 @click.option("--baselines", type=click.Path(path_type=Path, file_okay=False), default=Path("baselines"),
               show_default=True, help="Root of the baseline files: BASELINES/<machine>/<target>.json.")
 @click.option("--artifacts", type=click.Path(path_type=Path, file_okay=False), default=None,
