@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import tvm
+import tvm_ffi
 from tvm import relax
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
@@ -141,6 +142,24 @@ class WorkloadStats(NamedTuple):
     best_secs: float | None  # the best one's mean run time
     default_secs: float | None  # the mean run time of its default schedule, when measured
     exhausted: bool  # a tune ran out of new candidates for it: more trials would find nothing new
+
+
+def _record_json(record: TuningRecord):
+    """``record.as_json()``, which fails on a trace with a layout rewrite (MetaSchedule's RewriteLayout, when a
+    model weight is read in another layout): its IndexMaps are written in TVM's own JSON, the string that
+    ``TuningRecord.from_json`` reads back in their place."""
+    def unpack(obj):
+        if obj is None or isinstance(obj, (int, float, str)):
+            return obj
+        if isinstance(obj, (tvm.tirx.IntImm, tvm.tirx.FloatImm)):
+            return obj.value
+        if isinstance(obj, tvm_ffi.Array):
+            return [unpack(x) for x in obj]
+        if isinstance(obj, tvm_ffi.Map):
+            return {unpack(k): unpack(v) for k, v in obj.items()}
+        return tvm.ir.save_json(obj)
+
+    return unpack(ms._ffi_api.TuningRecordAsJSON(record))  # noqa: SLF001
 
 
 @derived_object
@@ -309,7 +328,7 @@ class TuningDatabase(PyDatabase):
         with self._locked():
             self._sync()
             index = self._index(record.workload)
-            self._append(RECORDS, [index, record.as_json()])
+            self._append(RECORDS, [index, _record_json(record)])
         self.memory.commit_tuning_record(record)
         self._valid[index] += _is_valid(record)
 
@@ -553,11 +572,13 @@ def _measure_defaults(defaults: list[tuple[Task, tvm.IRModule]], spec: TargetSpe
     for (task, _), result in zip(defaults, built):
         if result.error_msg is not None:
             log.warning("the default schedule of %s did not build: %s", task.name, _first_line(result.error_msg))
-    ok = [(task, result.artifact_path) for (task, _), result in zip(defaults, built) if result.error_msg is None]
+    ok = [(task, mod, result.artifact_path) for (task, mod), result in zip(defaults, built) if result.error_msg is None]
+    # Arguments as the built function takes them: a weight the schedule reads in another layout is passed
+    # in that layout (the builder drops the layout copy, which runs once at compile time).
     futures = runner.run([ms.runner.RunnerInput(artifact, spec.device,
-                                                ms.arg_info.ArgInfo.from_prim_func(task.mod["main"]))
-                          for task, artifact in ok])
-    for (task, artifact), future in zip(ok, futures):
+                                                ms.arg_info.ArgInfo.from_entry_func(mod, remove_preproc=True))
+                          for task, mod, artifact in ok])
+    for (task, _, artifact), future in zip(ok, futures):
         result = future.result()
         if result.error_msg is None:
             database.note(task.mod, "default_secs", _mean_secs(result))

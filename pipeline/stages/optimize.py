@@ -7,6 +7,8 @@ import tvm
 from tvm import relax
 
 from targets import TargetSpec
+from tvm_schedules.passes.fold_weight_transforms import fold_weight_transforms
+from tvm_schedules.passes.mark_weight_arguments import mark_weight_arguments
 from tvm_schedules.passes.rewrite_cyclefc import rewrite_cyclefc
 from tvm_schedules.cpu import apply_default_schedules as cpu_default_schedules
 from ..tune import apply_records
@@ -25,15 +27,17 @@ DEFAULT_SCHEDULES = {"llvm": cpu_default_schedules}
 def lower_to_fused_tir(mod: tvm.IRModule) -> tvm.IRModule:
     """Legalize operators to TIR and fuse them, as the targets' default pipelines do first.
 
-    Tuning tasks are extracted from, and records applied to, exactly these fused functions.
+    Tuning tasks are extracted from, and records applied to, exactly these fused functions. Each one says
+    which of its arguments are model weights (``layout_free_buffers``), so a schedule may read a weight in
+    another layout at no cost per call (see ``fold_weight_transforms``).
     """
-    return tvm.transform.Sequential([
+    return mark_weight_arguments(tvm.transform.Sequential([
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
-    ])(mod)
+    ])(mod))
 
 
 def lower(mod: tvm.IRModule, params: dict[str, np.ndarray], target: TargetSpec, fp16: bool = False
@@ -55,6 +59,7 @@ def optimize(mod: tvm.IRModule, params: dict[str, np.ndarray], target: TargetSpe
     mod, params, reports = lower(mod, params, target, fp16)
     mod, reports["tuning"] = apply_records(mod, target)  # the target's tuning database, if any
     mod, reports["default_schedules"] = apply_default_schedules(mod, target)
+    mod, params, reports["fold_weight_transforms"] = fold_weight_transforms(mod, params, tvm_target(target))
     return mod, params, reports
 
 

@@ -15,8 +15,8 @@ from ..errors import BuildError
 def import_onnx(path: Path, input_shapes: dict[str, tuple[int, ...]]) -> tuple[tvm.IRModule, dict[str, np.ndarray]]:
     """Return the Relax module and its weights, ordered as ``main``'s parameters after the inputs.
 
-    Weights stay function parameters (not constants) so the library is small, params ship
-    beside it, and a checkpoint swap needs no rebuild.
+    Weights stay function parameters (not constants) so the library is small and params ship beside it;
+    the optimize stage computes what depends on them alone (layouts, casts) at compile time.
     """
     try:
         mod = from_onnx(onnx.load(str(path)), shape_dict={k: list(v) for k, v in input_shapes.items()},
