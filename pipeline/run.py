@@ -4,7 +4,9 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -51,11 +53,45 @@ def staging_dir(out: Path) -> Iterator[Path]:
         shutil.rmtree(work, ignore_errors=True)
 
 
+class _Interrupts:
+    """Remembers a Ctrl-C, so that the compile stops at the next stage boundary even if it was swallowed.
+
+    A KeyboardInterrupt raised while TVM's C++ calls back into Python comes out of the C++ side as a
+    RuntimeError, which a pass may catch (a default schedule rule that fails leaves its function
+    unscheduled): the compile would then go on and publish the artifact.
+    """
+
+    def __init__(self):
+        self.seen = False
+
+    @contextlib.contextmanager
+    def watch(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.getsignal(signal.SIGINT)
+
+        def on_interrupt(signum, frame):
+            self.seen = True
+            signal.default_int_handler(signum, frame)
+
+        signal.signal(signal.SIGINT, on_interrupt)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def check(self) -> None:
+        if self.seen:
+            raise KeyboardInterrupt
+
+
 @contextlib.contextmanager
-def _timed(stage: str, timings: dict[str, float], listener: StageListener) -> Iterator[None]:
+def _timed(stage: str, timings: dict[str, float], listener: StageListener, interrupts: _Interrupts) -> Iterator[None]:
     listener(stage, None)
     start = time.perf_counter()
     yield
+    interrupts.check()
     timings[stage] = time.perf_counter() - start
     listener(stage, timings[stage])
 
@@ -81,9 +117,10 @@ def compile_model(spec: BuildSpec, out: Path | None = None, listener: StageListe
         target = target.with_cuda_arch(spec.cuda_arch)
     out = out or default_out_dir(spec)
     timings: dict[str, float] = {}
-    stage = lambda name: _timed(name, timings, listener)  # noqa: E731
+    interrupts = _Interrupts()
+    stage = lambda name: _timed(name, timings, listener, interrupts)  # noqa: E731
 
-    with staging_dir(out) as work:
+    with interrupts.watch(), staging_dir(out) as work:
         with stage("load model"):
             model, cfg, weights = load_model(spec.model, spec.weights, spec.seed)
         with stage("reference"):
