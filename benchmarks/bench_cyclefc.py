@@ -1,12 +1,13 @@
 """CycleFC layer timings, CPU, batch 1: our TensorIR kernel against TVM's default lowering, ONNX Runtime and
 PyTorch, for the CycleMLP-B1 stage-1 (56x56x64) and stage-3 (14x14x320) shapes, both kernel orientations.
 
-    python benchmarks/bench_cyclefc.py [--rounds 15] [--sample-ms 20] [--threads 2]
+    python benchmarks/bench_cyclefc.py [--sample-ms 5] [--max-seconds 60] [--threads 2]
 
 Every implementation is NHWC in and NHWC out (the layout CycleMLP's blocks use), 2 threads each (--threads). All are
-timed in one process, interleaved: each round times every implementation once (a sample of several calls,
-~--sample-ms long), and the table gives the min and median over the rounds and the ratio of each min to our
-kernel's min (> 1: slower than ours). Outputs are checked against our kernel before timing.
+timed in one process with ``pipeline bench``'s measurement (``pipeline.bench.measure``): interleaved rounds, each
+timing every implementation once (a sample of several calls, ~--sample-ms long), until every median over the quiet
+samples is known within +-2 % or --max-seconds pass. The table gives those medians and their ratio to our kernel's
+(> 1: slower than ours). Outputs are checked against our kernel before timing.
 """
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from pathlib import Path
 
 def _parse_args(argv=None):
     ap = argparse.ArgumentParser(description="CycleFC layer timings (see the module docstring)")
-    ap.add_argument("--rounds", type=int, default=15, help="interleaved rounds (min/median over these)")
-    ap.add_argument("--sample-ms", type=float, default=20.0, help="approximate length of one sample")
+    ap.add_argument("--sample-ms", type=float, default=5.0, help="approximate length of one sample")
+    ap.add_argument("--max-seconds", type=float, default=60.0, help="stop sampling after this long")
     ap.add_argument("--threads", type=int, default=2, help="threads for TVM, PyTorch and ONNX Runtime")
     return ap.parse_args(argv)
 
@@ -41,6 +42,7 @@ import tvm  # noqa: E402
 from tvm import relax  # noqa: E402
 
 from models.cyclemlp import CycleFC  # noqa: E402
+from pipeline.bench import QUIET_SLACK, Budget, evaluator_timer, loop_timer, measure, quiet, summarize  # noqa: E402
 from tvm_schedules.cyclefc import cyclefc_primfunc, schedule_cyclefc  # noqa: E402
 
 TARGET = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64-v4", "num-cores": THREADS})
@@ -100,32 +102,7 @@ def relax_export_form(n, h, w, c, o, kernel):
     return bb.get()
 
 
-def calibrated(run_once, sample_s: float):
-    """Return sample() -> seconds per call, averaged over enough calls to last about sample_s."""
-    for _ in range(3):
-        run_once()
-    t0 = time.perf_counter()
-    run_once()
-    one = max(time.perf_counter() - t0, 1e-6)
-    number = max(1, int(sample_s / one))
-
-    def sample():
-        t = time.perf_counter()
-        for _ in range(number):
-            run_once()
-        return (time.perf_counter() - t) / number
-
-    return sample
-
-
-def tvm_sampler(fn_eval, sample_s: float):
-    """time_evaluator-based sampler (number calibrated to sample_s, one repeat per sample)."""
-    one = fn_eval(1)
-    number = max(1, int(sample_s / max(one, 1e-6)))
-    return lambda: fn_eval(number)
-
-
-def build_case(h, c, kernel, sample_s, tmpdir):
+def build_case(h, c, kernel, tmpdir):
     n, w, o = 1, h, c
     kh, kw = kernel
     k = kh * kw
@@ -148,9 +125,7 @@ def build_case(h, c, kernel, sample_s, tmpdir):
     y_tvm = tvm.runtime.tensor(np.zeros((n, h, w, o), "float32"), dev)
     ex.mod["cyclefc"](*args, y_tvm)
     outs["ours"] = y_tvm.numpy()
-    impls["(a) ours: TensorIR kernel (CPU schedule)"] = tvm_sampler(
-        lambda num: ex.mod.time_evaluator("cyclefc", dev, number=num, repeat=1)(*args, y_tvm).mean, sample_s
-    )
+    impls["(a) ours: TensorIR kernel (CPU schedule)"] = evaluator_timer(ex.mod, "cyclefc", dev, *args, y_tvm)
 
     # (b) TVM default lowering of the export form
     mod = relax_export_form(n, h, w, c, o, kernel)
@@ -158,9 +133,7 @@ def build_case(h, c, kernel, sample_s, tmpdir):
     vm = relax.VirtualMachine(rex, dev)
     rargs = [tvm.runtime.tensor(a, dev) for a in (x_np, m.shift_kernel.numpy(), m.weight.detach().numpy(), bias.numpy())]
     outs["tvm default"] = vm["main"](*rargs).numpy()
-    impls["(b) TVM default lowering, Relax export form"] = tvm_sampler(
-        lambda num: vm.time_evaluator("main", dev, number=num, repeat=1)(*rargs).mean, sample_s
-    )
+    impls["(b) TVM default lowering, Relax export form"] = evaluator_timer(vm, "main", dev, *rargs)
 
     # (c) ONNX Runtime on the exported export form
     import onnxruntime as ort
@@ -174,7 +147,7 @@ def build_case(h, c, kernel, sample_s, tmpdir):
     sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     feed = {"x": x_np}
     outs["ort"] = sess.run(None, feed)[0]
-    impls["(c) ONNX Runtime, export form (opset 17)"] = calibrated(lambda: sess.run(None, feed), sample_s)
+    impls["(c) ONNX Runtime, export form (opset 17)"] = loop_timer(lambda: sess.run(None, feed))
 
     # (d) PyTorch eager
     ef = ExportForm(m)
@@ -188,10 +161,9 @@ def build_case(h, c, kernel, sample_s, tmpdir):
                 fn()
         return run
 
-    impls["(d) PyTorch CycleFC module, export form"] = calibrated(torch_run(lambda: ef(x_t)), sample_s)
-    impls["(d) PyTorch shift-by-slicing + linear, NHWC"] = calibrated(
-        torch_run(lambda: torch_shift_linear(x_t, k, kh == 1, w2d, bias)), sample_s
-    )
+    impls["(d) PyTorch CycleFC module, export form"] = loop_timer(torch_run(lambda: ef(x_t)))
+    impls["(d) PyTorch shift-by-slicing + linear, NHWC"] = loop_timer(
+        torch_run(lambda: torch_shift_linear(x_t, k, kh == 1, w2d, bias)))
 
     # (e) torchvision deform_conv2d (the official CycleFC op)
     try:
@@ -206,7 +178,7 @@ def build_case(h, c, kernel, sample_s, tmpdir):
 
         with torch.no_grad():
             outs["deform_conv2d"] = dc().numpy()
-        impls["(e) PyTorch torchvision deform_conv2d"] = calibrated(torch_run(dc), sample_s)
+        impls["(e) PyTorch torchvision deform_conv2d"] = loop_timer(torch_run(dc))
         dc_note = None
     except Exception as e:  # noqa: BLE001 - any import/runtime failure means "not available here"
         dc_note = f"skipped: torchvision not importable here ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
@@ -218,7 +190,6 @@ def build_case(h, c, kernel, sample_s, tmpdir):
 def main():
     opts = OPTS
     torch.set_num_threads(THREADS)
-    sample_s = opts.sample_ms / 1e3
 
     print(f"TVM {tvm.__version__}, torch {torch.__version__}, target {TARGET}")
     print(f"threads: TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']}, torch {torch.get_num_threads()}, "
@@ -227,28 +198,24 @@ def main():
     with tempfile.TemporaryDirectory() as tmpdir:
         for label, h, c, kernel in CASES:
             t0 = time.perf_counter()
-            impls, errs, dc_note = build_case(h, c, kernel, sample_s, tmpdir)
+            impls, errs, dc_note = build_case(h, c, kernel, tmpdir)
             print(f"built {label} (1x{h}x{h}x{c}, kernel {kernel}) in {time.perf_counter() - t0:.1f} s; "
                   "max |diff| vs ours: " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()))
             cases.append((label, h, c, kernel, impls, dc_note))
+        # pipeline bench's measurement: every implementation of every case once per round, in rotating order
+        m = measure({(ci, name): timer for ci, case in enumerate(cases) for name, timer in case[4].items()},
+                    Budget(sample_ms=opts.sample_ms, max_seconds=opts.max_seconds))
 
-        results = {(ci, name): [] for ci, case in enumerate(cases) for name in case[4]}
-        for _ in range(opts.rounds):  # interleaved: every implementation of every case once per round
-            for ci, case in enumerate(cases):
-                for name, sample in case[4].items():
-                    time.sleep(0.01)  # let the previous runtime's spinning worker threads go idle
-                    results[(ci, name)].append(sample() * 1e3)
-
-    print(f"\nCycleFC layer, batch 1, NHWC, ms over {opts.rounds} interleaved rounds "
-          f"(ratio = min / our min; > 1 is slower than ours)")
+    print(f"\nCycleFC layer, batch 1, NHWC: median ms over the quiet samples (within {QUIET_SLACK:.0%} of the fastest) "
+          f"of {m.rounds} interleaved rounds, stopped: {m.stopped}; ratio = median / our median (> 1: slower than ours)")
     width = max(len(n) for case in cases for n in case[4]) + 2
     for ci, (label, h, c, kernel, impls, dc_note) in enumerate(cases):
         print(f"\n{label}: 1x{h}x{h}x{c} -> {c}, kernel {kernel}")
-        print(f"  {'implementation':<{width}}{'min':>9}{'median':>9}{'ratio':>8}")
-        ours = min(results[(ci, next(iter(impls)))])
-        for name in impls:
-            v = results[(ci, name)]
-            print(f"  {name:<{width}}{min(v):9.3f}{float(np.median(v)):9.3f}{min(v) / ours:8.2f}")
+        print(f"  {'implementation':<{width}}{'median':>9}{'quiet':>7}{'ratio':>8}")
+        medians = {name: summarize(quiet(m.samples_ms[(ci, name)])) for name in impls}
+        ours = medians[next(iter(impls))]["median"]
+        for name, stats in medians.items():
+            print(f"  {name:<{width}}{stats['median']:9.3f}{stats['n']:7d}{stats['median'] / ours:8.2f}")
         if dc_note:
             print(f"  (e) PyTorch torchvision deform_conv2d: {dc_note}")
     print(f"\nloadavg at end {os.getloadavg()[0]:.2f} (other work shares this machine; compare within one run)")

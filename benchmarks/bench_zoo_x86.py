@@ -1,0 +1,111 @@
+"""The model zoo on this x86 host at batch 1: TVM (after tuning with a stated budget) beside ONNX Runtime and
+PyTorch, measured in the same run.
+
+    python benchmarks/bench_zoo_x86.py [MODEL ...] [--tune-minutes 0] [--trials 64] [--threads N] [--json F]
+
+Default models: every full-size model in the registry (``models.list_models()``, test variants excluded).
+
+For each model, in one process:
+
+1. with ``--tune-minutes M > 0``: ``pipeline tune`` (MetaSchedule, up to ``--trials`` valid records per task,
+   stopped after M minutes) into this run's own database (``--cache``: a fresh directory unless given), so the
+   budget is what was spent here; tasks another model already tuned count as tuned (shared workloads);
+2. ``compile`` for ``x86`` (export, onnxsim, import, our rewrites, the tuning records that beat the default
+   schedules, default schedules for the rest, weight layouts folded at compile time, build, verify against
+   PyTorch): what ``python -m pipeline compile`` gives a user with that database;
+3. ``pipeline bench``'s measurement (``pipeline.bench.bench_artifact``): the library, ONNX Runtime on the same
+   model.sim.onnx and PyTorch eager with the same weights, all with ``--threads`` threads, every output checked
+   against the PyTorch reference first, then timed in interleaved rounds until each median (over its quiet
+   samples) is known within +-2 % or ``--max-seconds`` pass; and each kernel of the library timed alone, to
+   name the one that costs most.
+
+The table gives medians in ms; ``ORT/TVM`` and ``torch/TVM`` > 1 mean TVM is faster. The machine is shared:
+compare within a row.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _parse_args(argv=None):
+    ap = argparse.ArgumentParser(description="zoo latency on x86: TVM vs ONNX Runtime vs PyTorch (see docstring)")
+    ap.add_argument("models", nargs="*", help="zoo model names (default: every full-size model)")
+    ap.add_argument("--tune-minutes", type=float, default=0.0, help="tuning budget per model (0: default schedules)")
+    ap.add_argument("--trials", type=int, default=64, help="valid tuning records wanted per task")
+    ap.add_argument("--cache", type=Path, help="tuning cache directory (default: a fresh one for this run)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for all three runtimes")
+    ap.add_argument("--max-seconds", type=float, default=30.0, help="measuring budget per model")
+    ap.add_argument("--json", type=Path, help="also write every row (with the full bench results) here")
+    return ap.parse_args(argv)
+
+
+def _tune(name: str, minutes: float, trials: int) -> dict:
+    import targets
+    from pipeline.tune import tune_model
+
+    start = time.perf_counter()
+    report = tune_model(name, targets.get_target("x86"), trials=trials, time_budget_s=minutes * 60)
+    return {"seconds": time.perf_counter() - start, "new_valid_records": report.new_valid,
+            "stopped_by_time_budget": report.stopped_by_time_budget}
+
+
+def bench_one(name: str, opts, workdir: Path) -> dict:
+    from pipeline.bench import Budget, bench_artifact
+    from pipeline.run import compile_model
+    from pipeline.spec import BuildSpec
+
+    tuning = _tune(name, opts.tune_minutes, opts.trials) if opts.tune_minutes > 0 else None
+    start = time.perf_counter()
+    art, manifest = compile_model(BuildSpec(model=name, target="x86"), workdir / name)
+    compile_s = time.perf_counter() - start
+    result = bench_artifact(art, peers=("onnxruntime", "torch"), per_layer=True, threads=opts.threads,
+                            budget=Budget(max_seconds=opts.max_seconds))
+    top = result["kernels"][0]
+    return {"model": name, "tuning": tuning, "compile_s": compile_s,
+            "records_applied": manifest["tuning"]["records_applied"],
+            "ms": {k: result["latency_ms"][k]["median"] for k in ("tvm", "onnxruntime", "torch")},
+            "busy": result["method"]["busy"], "top_kernel": f"{top['kernel']} {top['share']:.0%}",
+            "loadavg": result["loadavg"], "bench": result}
+
+
+def main() -> None:
+    opts = _parse_args()
+    import models
+    from pipeline.bench import configure_threads
+
+    configure_threads(opts.threads)  # before anything starts TVM's thread pool
+    names = opts.models or [m for m in models.list_models() if not m.startswith("test_")]
+    cache = opts.cache or Path(tempfile.mkdtemp(prefix="bench-zoo-cache-"))
+    os.environ["PIPELINE_CACHE_DIR"] = str(cache)
+    budget = f"tuning budget {opts.tune_minutes:g} min/model, {opts.trials} trials/task" if opts.tune_minutes else \
+        "untuned: default schedules"
+    print(f"x86, batch 1, float32, {opts.threads} thread(s) each; {budget}; tuning cache {cache}; "
+          f"load average at start {os.getloadavg()[0]:.2f}", flush=True)
+    header = (f"{'model':28s} {'tune s':>7s} {'recs':>5s} {'TVM ms':>9s} {'ORT ms':>9s} {'torch ms':>9s} "
+              f"{'ORT/TVM':>8s} {'torch/TVM':>9s}  top kernel (share of TVM time)")
+    print(header + "\n" + "-" * len(header), flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-zoo-") as tmp:
+        for name in names:
+            row = bench_one(name, opts, Path(tmp))
+            rows.append(row)
+            ms = row["ms"]
+            tune_s = f"{row['tuning']['seconds']:7.0f}" if row["tuning"] else f"{'-':>7s}"
+            print(f"{name:28s} {tune_s} {row['records_applied']:5d} {ms['tvm']:9.2f} {ms['onnxruntime']:9.2f} "
+                  f"{ms['torch']:9.2f} {ms['onnxruntime'] / ms['tvm']:8.2f} {ms['torch'] / ms['tvm']:9.2f}  "
+                  f"{row['top_kernel']}{'  (busy machine: few quiet samples)' if row['busy'] else ''}", flush=True)
+    print(f"load average at end {os.getloadavg()[0]:.2f}")
+    if opts.json:
+        opts.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
