@@ -78,6 +78,17 @@ def test_wrong_shaped_weights(tmp_path):
     assert_one_line_error(result, "shape mismatches", "head.weight (3, 3)")
 
 
+def test_cyclemlp_offsets_that_are_no_shift(tmp_path):
+    state = models.create_model("test_cyclemlp").state_dict()
+    key = next(k for k in state if k.endswith(".offset"))
+    state[key] = state[key] + 0.5  # CycleFC only samples whole pixels
+    torch.save(state, tmp_path / "w.pth")
+    result = run_cli("compile", "--model", "test_cyclemlp", "--weights", str(tmp_path / "w.pth"),
+                     "--out", str(tmp_path / "a"))
+    assert_one_line_error(result, "does not fit test_cyclemlp", "offsets must be integers")
+    assert not (tmp_path / "a").exists()
+
+
 def test_output_dir_not_writable(tmp_path):
     (tmp_path / "file").write_text("x")
     result = run_cli("compile", "--model", "test_mixer", "--out", str(tmp_path / "file" / "a"))

@@ -24,7 +24,10 @@ def load_model(name: str, weights: Path | None, seed: int) -> tuple[nn.Module, m
     torch.manual_seed(seed)
     model = models.create_model(name).eval()
     if weights is not None:
-        model.load_state_dict(read_state_dict(weights, model))
+        try:
+            model.load_state_dict(read_state_dict(weights, model))
+        except ValueError as e:  # a value the model refuses, e.g. a CycleFC offset that is no integer shift
+            raise WeightsError(f"{weights} does not fit {name}: {e}") from None
         return model, cfg, {"source": "checkpoint", "path": str(weights), "sha256": sha256_file(weights)}
     redrawn = redraw_zero_weights(model, seed)
     return model, cfg, {"source": "random", "seed": seed, "redrawn_zero_weights": redrawn}
