@@ -72,12 +72,14 @@ TOOLCHAINS: dict[str, CudaToolchain] = {
             "nvidia-cuda-nvrtc-cu12==12.6.85",
             "nvidia-cuda-cccl-cu12==12.6.77",
             "nvidia-cuda-runtime-cu12==12.6.77",
+            "nvidia-cuda-nvcc-cu12==12.6.85",
         ),
         nvrtc_lib="libnvrtc.so.12",
         nvrtc_builtins="libnvrtc-builtins.so.12.6",
         # cuda_runtime/include gives cuda_fp16.h / cuda_bf16.h, which TVM includes for
-        # half-precision kernels; NVRTC has no built-in copy.
-        include_dirs=("cuda_cccl/include", "cuda_runtime/include"),
+        # half-precision kernels, and mma.h for tensor-core (wmma) ones; NVRTC has no built-in
+        # copy. mma.h includes crt/mma.h, which only the nvcc package ships.
+        include_dirs=("cuda_cccl/include", "cuda_runtime/include", "cuda_nvcc/include"),
     ),
     "nvrtc-11": CudaToolchain(
         name="nvrtc-11",
@@ -285,6 +287,18 @@ def _load_cudart13() -> None:
         ) from None
 
 
+def _load_driver_or_stub(runtime_dir: Path) -> bool:
+    """Load libcuda.so.1: the driver, or where there is none a stub that reports no device. True: the stub."""
+    try:
+        ctypes.CDLL("libcuda.so.1", mode=ctypes.RTLD_GLOBAL)  # a real driver wins
+        return False
+    except OSError:
+        imports = _elf_undefined_symbols((runtime_dir / "libtvm_runtime_cuda.so").read_bytes())
+        driver_syms = sorted(s for s in imports if s.startswith("cu") and not s.startswith("cuda"))
+        ctypes.CDLL(str(_build_libcuda_stub(driver_syms)), mode=ctypes.RTLD_GLOBAL)
+        return True
+
+
 def ensure_cuda_codegen_runtime() -> None:
     """Make `ffi.Module.create.cuda` available in this process, after `import tvm`.
 
@@ -299,12 +313,7 @@ def ensure_cuda_codegen_runtime() -> None:
         return
     runtime_dir = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent
     _load_cudart13()
-    try:
-        ctypes.CDLL("libcuda.so.1", mode=ctypes.RTLD_GLOBAL)  # a real driver wins
-    except OSError:
-        imports = _elf_undefined_symbols((runtime_dir / "libtvm_runtime_cuda.so").read_bytes())
-        driver_syms = sorted(s for s in imports if s.startswith("cu") and not s.startswith("cuda"))
-        ctypes.CDLL(str(_build_libcuda_stub(driver_syms)), mode=ctypes.RTLD_GLOBAL)
+    if _load_driver_or_stub(runtime_dir):
         # Keep builds outside aot_cuda() as they were without a driver: CUDA source kept
         # in the library, compiled on the board.
         os.environ["TVM_COMPILE_FORCE_FALLBACK"] = "1"

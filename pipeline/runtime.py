@@ -186,12 +186,36 @@ def describe(check: dict) -> str:
             f"(atol {check['atol']:g}, rtol {check['rtol']:g}) {'ok' if check['passed'] else 'FAILED'}")
 
 
+def _load_device_runtime(device: str) -> None:
+    """Load TVM's runtime library for ``device`` (libtvm_runtime_cuda.so beside libtvm_runtime.so), if any.
+
+    ``import tvm`` loads it only with the compiler library: a runtime-only TVM (no libtvm_compiler.so, or
+    TVM_USE_RUNTIME_LIB=1, as boards run it) skips its device backends. Loading it registers the device;
+    a library that does not load (no CUDA on this machine, or another CUDA major) leaves it unregistered.
+    """
+    import ctypes
+    import os
+
+    import tvm
+
+    runtime_lib = getattr(tvm.base, "_LOADED_LIBS", {}).get("tvm_runtime")
+    if runtime_lib is None:
+        return
+    path = os.path.join(os.path.dirname(os.path.realpath(runtime_lib._name)), f"libtvm_runtime_{device}.so")
+    try:
+        tvm.base._LOADED_LIBS[f"tvm_runtime_{device}"] = ctypes.CDLL(path, ctypes.RTLD_LOCAL)
+    except OSError:
+        pass
+
+
 def load_vm(lib_path: Path, device: str) -> tuple[VirtualMachine, tvm.runtime.Device]:
     try:
         import tvm
         from tvm.runtime.vm import VirtualMachine
     except ImportError as e:
         raise RuntimeUnavailable(f"cannot import TVM's runtime ({e}); install it (see docs/deploy.md)") from None
+    if not tvm.runtime.enabled(device):
+        _load_device_runtime(device)
     if not tvm.runtime.enabled(device):
         # The PyPI aarch64 wheel links libcudart.so.13; on a CUDA 12 board (JetPack 6) it loads
         # without CUDA and says nothing, so say it here.

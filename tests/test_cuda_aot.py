@@ -33,9 +33,9 @@ SM87_X86 = tvm.target.Target({"kind": "cuda", "arch": "sm_87"}, host={"kind": "l
 SM72_X86 = tvm.target.Target({"kind": "cuda", "arch": "sm_72"}, host={"kind": "llvm"})
 
 
-def matmul_relu(dtype="float32"):
+def matmul_relu(dtype="float32", rows=64):
     bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType((64, 128), dtype))
+    x = relax.Var("x", relax.TensorType((rows, 128), dtype))
     w = relax.Var("w", relax.TensorType((128, 256), dtype))
     with bb.function("main", [x, w]):
         with bb.dataflow():
@@ -45,8 +45,8 @@ def matmul_relu(dtype="float32"):
     return bb.get()
 
 
-def build(target, dtype="float32"):
-    return tvm.compile(matmul_relu(dtype), target, relax_pipeline=relax.get_default_pipeline(target))
+def build(target, dtype="float32", rows=64):
+    return tvm.compile(matmul_relu(dtype, rows), target, relax_pipeline=relax.get_default_pipeline(target))
 
 
 def assert_sane(resources, n_kernels):
@@ -124,6 +124,14 @@ def test_fp16_nvrtc12():
     assert_sane(s.outputs[0].kernel_resources(), 2)
 
 
+def test_fp16_tensor_cores_nvrtc12():
+    # dlight puts float16 matmuls with every extent over 64 on tensor cores (wmma, from mma.h)
+    with aot_cuda("sm_87", "nvrtc-12") as s:
+        build(SM87_X86, "float16", rows=128)
+    assert "nvcuda::wmma" in s.outputs[0].source
+    assert_sane(s.outputs[0].kernel_resources(), 2)
+
+
 def test_errors(monkeypatch, tmp_path):
     with pytest.raises(CudaToolchainError, match="known: nvrtc-11, nvrtc-12"):
         with aot_cuda("sm_87", "nvcc-99"):
@@ -166,6 +174,31 @@ def test_ensure_runtime_after_import_tvm_in_fresh_process():
     if ctypes.util.find_library("cuda"):
         pytest.skip("a real driver is present: TVM's CUDA runtime loads at import")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=Path(__file__).parents[1])
+
+
+def test_runtime_only_tvm_loads_its_cuda_library(tmp_path):
+    # Boards run TVM without its compiler library, and such a TVM 0.27 loads no device backend at import:
+    # run.py must load libtvm_runtime_cuda.so itself, or every CUDA bundle says "no cuda support".
+    if ctypes.util.find_library("cuda"):
+        pytest.skip("a real driver is present: the device would be found")
+    code = (
+        "import os\n"
+        "os.environ['TVM_USE_RUNTIME_LIB'] = '1'\n"
+        "import tvm\n"
+        "from pathlib import Path\n"
+        "from pipeline import cuda_aot, runtime\n"
+        "assert not tvm.runtime.enabled('cuda')\n"
+        "cuda_aot._load_cudart13()\n"  # what a CUDA machine has: its CUDA runtime, a driver (here: the stub)
+        "cuda_aot._load_driver_or_stub(Path(tvm.base._LOADED_LIBS['tvm_runtime']._name).resolve().parent)\n"
+        "try:\n"
+        "    runtime.load_vm(Path('lib.so'), 'cuda')\n"
+        "except runtime.RuntimeUnavailable as e:\n"
+        "    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).parents[1])
+    assert out.returncode == 0, out.stderr
+    assert "no cuda device found" in out.stdout, out.stdout  # registered; the stub driver has no device
 
 
 @pytest.mark.skipif(cuda_aot._find_in_nvidia("cu13/bin/cuobjdump") is None,
