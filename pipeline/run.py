@@ -142,11 +142,11 @@ def compile_model(spec: BuildSpec, out: Path | None = None, listener: StageListe
             if library_outputs is not None:
                 candidates["tvm"] = library_outputs
             fp32 = (cfg.atol, cfg.rtol)
-            checks = verify(reference, candidates, {"onnxruntime": fp32,
-                                                    "tvm": (cfg.fp16_atol, cfg.fp16_rtol) if spec.fp16 else fp32})
+            library_tolerance = (cfg.fp16_atol, cfg.fp16_rtol) if spec.fp16 else fp32
+            checks = verify(reference, candidates, {"onnxruntime": fp32, "tvm": library_tolerance})
         with stage("package"):
             manifest = write_artifact(work, model_name=spec.model, cfg=cfg, batch=spec.batch, weights=weights,
                                       target=target, inputs=inputs, reference=reference, params=params,
-                                      checks=checks, library_run=library_run, passes=passes,
+                                      checks=checks, tolerance=library_tolerance, library_run=library_run, passes=passes,
                                       build_report=build_report, timings=timings)
     return out, manifest

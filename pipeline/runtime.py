@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from tvm.runtime.vm import VirtualMachine
 
 MANIFEST = "manifest.json"
+MANIFEST_SCHEMA = 2  # 2: verify.tolerance, what the library's outputs are held to
 RUNNER = "run.py"  # this file, inside a bundle
 LIBRARY = "lib.so"
 # What a run reads besides the manifest; a bundle carries exactly these, the manifest and the runner.
@@ -109,10 +110,15 @@ def extract_bundle(bundle: Path, dest: Path) -> Path:
 
 def read_manifest(directory: Path) -> dict:
     try:
-        return json.loads((Path(directory) / MANIFEST).read_text())
+        manifest = json.loads((Path(directory) / MANIFEST).read_text())
     except (OSError, ValueError) as e:
         raise BundleError(f"{directory} has no readable {MANIFEST} ({e}); give an artifact directory or a bundle "
                           "from `python -m pipeline package`") from None
+    if not isinstance(manifest, dict) or manifest.get("schema") != MANIFEST_SCHEMA:
+        found = manifest.get("schema") if isinstance(manifest, dict) else None
+        raise BundleError(f"{directory}: its manifest has schema {found}, this runtime reads schema {MANIFEST_SCHEMA}; "
+                          "compile the model again with this version of pipeline")
+    return manifest
 
 
 def verify_files(directory: Path, manifest: dict) -> None:
@@ -148,13 +154,10 @@ def load_arrays(directory: Path, manifest: dict) -> tuple[dict[str, np.ndarray],
 
 
 def tolerances(manifest: dict) -> dict[str, tuple[float, float]]:
-    """(atol, rtol) per output name: the loosest the compile's numerics check recorded for it."""
-    found: dict[str, tuple[float, float]] = {}
-    for check in manifest["verify"]["outputs"]:
-        name = check["name"].rpartition("/")[2]  # "tvm/logits" -> "logits"
-        atol, rtol = found.get(name, (0.0, 0.0))
-        found[name] = (max(atol, check["atol"]), max(rtol, check["rtol"]))
-    return found
+    """(atol, rtol) per output name: what the compiled library is held to (the variant's float32 or float16
+    tolerance), also where the compile could not run it (a CUDA library built on a machine without a GPU)."""
+    tolerance = manifest["verify"]["tolerance"]
+    return {output["name"]: (tolerance["atol"], tolerance["rtol"]) for output in manifest["outputs"]}
 
 
 def compare(name: str, actual: np.ndarray, expected: np.ndarray, atol: float, rtol: float) -> dict:

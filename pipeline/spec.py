@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-MANIFEST_SCHEMA = 1
+from .runtime import MANIFEST_SCHEMA, sha256_file  # noqa: F401 - the runtime's, so a board hashes alike
 
 
 @dataclass(frozen=True)
@@ -27,10 +27,3 @@ def canonical_json(obj) -> str:
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()

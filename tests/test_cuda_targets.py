@@ -5,6 +5,7 @@ import pytest
 
 import targets
 from conftest import CUDA_TARGETS
+from pipeline import runtime
 from pipeline.errors import BuildError
 from pipeline.run import compile_model
 from pipeline.spec import BuildSpec
@@ -54,3 +55,6 @@ def test_fp16_records_its_tolerance(tmp_path):
     _, cuda_manifest = compile_model(BuildSpec(model="test_mixer", target="cuda", cuda_arch="sm_75", fp16=True),
                                      tmp_path / "b")
     assert cuda_manifest["target"]["build"]["cuda"]["arch"] == "sm_75"
+    # Not run here (no GPU), yet the board's run.py must hold it to float16's tolerance, not float32's.
+    assert cuda_manifest["verify"]["compiled_library"].startswith("not run here")
+    assert runtime.tolerances(cuda_manifest) == {"logits": (1e-2, 1e-2)}

@@ -187,8 +187,7 @@ def test_runner_takes_a_bundle_file_or_a_directory(x86, tmp_path, capsys):
 def test_runner_fails_with_exit_3_when_outputs_differ(x86, tmp_path, capsys):
     art = copy_artifact(x86, tmp_path / "art")
     manifest = json.loads((art / "manifest.json").read_text())
-    for check in manifest["verify"]["outputs"]:  # tolerances below float32 rounding: the check must fail
-        check["atol"], check["rtol"] = 1e-12, 0.0
+    manifest["verify"]["tolerance"] = {"atol": 1e-12, "rtol": 0.0}  # below float32 rounding: the check must fail
     (art / "manifest.json").write_text(json.dumps(manifest))
     assert runtime.main([str(art), "--repeat", "1"]) == 3
     err = capsys.readouterr().err
@@ -210,6 +209,14 @@ def test_a_modified_file_is_refused_before_anything_loads(x86, tmp_path, capsys)
         make_bundle(art, tmp_path / "b.tar")
     with pytest.raises(BundleError, match="lib.so does not match"):  # refused before connecting: no server there
         deploy(art, Board(HOST, free_port()), timeout=5)
+
+
+def test_an_artifact_of_another_manifest_schema_is_refused(x86, tmp_path, capsys):
+    art = copy_artifact(x86, tmp_path / "art")
+    manifest = json.loads((art / "manifest.json").read_text())
+    (art / "manifest.json").write_text(json.dumps({**manifest, "schema": 1}))
+    assert runtime.main([str(art)]) == 2
+    assert "compile the model again" in capsys.readouterr().err
 
 
 def test_a_tampered_bundle_or_an_unlisted_file_is_refused(x86, tmp_path, capsys):

@@ -33,7 +33,8 @@ def tensor_specs(arrays: dict[str, np.ndarray]) -> list[dict]:
 
 def write_artifact(work: Path, *, model_name: str, cfg: ModelCfg, batch: int, weights: dict, target: TargetSpec,
                    inputs: dict[str, np.ndarray], reference: dict[str, np.ndarray], params: dict[str, np.ndarray],
-                   checks: list[OutputCheck], library_run: str, passes: dict, build_report: dict,
+                   checks: list[OutputCheck], tolerance: tuple[float, float], library_run: str, passes: dict,
+                   build_report: dict,
                    timings: dict[str, float]) -> dict:
     """Save inputs/outputs/params beside the ONNX files and library already in ``work``; write manifest.json."""
     np.savez(work / "inputs.npz", **inputs)
@@ -53,6 +54,7 @@ def write_artifact(work: Path, *, model_name: str, cfg: ModelCfg, batch: int, we
         "passes": {step: report for step, report in passes.items() if step != "tuning"},
         "tuning": passes["tuning"],  # optimize's apply step: database, records applied, to which functions
         "verify": {"passed": all(c.passed for c in checks), "reference": "pytorch", "compiled_library": library_run,
+                   "tolerance": {"atol": tolerance[0], "rtol": tolerance[1]},  # what the library is held to
                    "outputs": [dataclasses.asdict(c) for c in checks]},
     }
     manifest["build_id"] = sha256_bytes(canonical_json(manifest).encode())
