@@ -63,13 +63,20 @@ class Budget:
     min_rounds: int = 8  # ... each over at least this many quiet samples
     max_rounds: int = 2000
     max_seconds: float = 30.0  # ... or once this much time is spent
-    pause_ms: float = 2.0  # idle time before each sample
+    # Idle time before each sample, then one untimed call: the runtime timed before has stopped spinning its
+    # thread pool, and this one's is awake. After a call TVM's workers spin (300000 yields by default,
+    # TVM_THREAD_POOL_SPIN_COUNT): a full core for 160 ms after a cyclemlp_b1 inference here. With 2 ms pauses
+    # and no warm call, the pools fought: a ConvMixer 1x1 conv layer measured TVM at 0.56-0.92x ONNX Runtime's
+    # speed over four runs, and ONNX Runtime at 0.4x its own speed in some runs with 30 ms pauses; with 200 ms
+    # each runtime runs as it does alone (that layer: TVM at 1.01-1.13x ONNX Runtime's speed in three runs).
+    pause_ms: float = 200.0
+    warm_call: bool = True
     warmup_s: float = 0.2  # untimed calls before sizing the samples (at least 3)
 
 
 # Per-kernel timing: many timers, each a short sample; only the ranking and rough size matter.
 KERNEL_BUDGET = Budget(sample_ms=2.0, rel_ci=0.05, min_rounds=5, max_rounds=100, max_seconds=10.0, pause_ms=0.0,
-                       warmup_s=0.01)
+                       warm_call=False, warmup_s=0.01)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -154,6 +161,8 @@ def measure(timers: dict[str, Timer], budget: Budget) -> Measurement:
     for r in range(budget.max_rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
             time.sleep(budget.pause_ms / 1e3)
+            if budget.warm_call:
+                timers[name](1)
             samples[name].append(timers[name](numbers[name]) * 1e3)
         if all(len(q := quiet(v)) >= budget.min_rounds and rel_halfwidth(q) <= budget.rel_ci
                for v in samples.values()):

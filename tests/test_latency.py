@@ -47,14 +47,15 @@ def test_statistics_and_adaptive_interleaved_measuring():
 
     def fake(name, series):
         samples = iter(series)
-        return lambda number: order.append(name) or (next(samples) if number > 1 else 1e-3)
+        return lambda number: order.append((name, number)) or (next(samples) if number > 1 else 1e-3)
 
     # "b" is disturbed in every other round: it still converges, on its quiet samples, and the rounds interleave
     m = measure({"a": fake("a", [2e-3] * 400), "b": fake("b", [1e-3, 5e-3] * 200)},
                 Budget(sample_ms=2.0, min_rounds=8, pause_ms=0.0, warmup_s=0.0))
     assert m.stopped.startswith("quiet medians within") and m.rounds == 15
     assert m.calls_per_sample == {"a": 2, "b": 2}
-    assert order[6:10] == ["a", "b", "b", "a"]  # after 3 warm-up calls each, rotating order
+    # after 3 warm-up calls each, rotating order, one untimed call right before each sample
+    assert order[6:14] == [("a", 1), ("a", 2), ("b", 1), ("b", 2), ("b", 1), ("b", 2), ("a", 1), ("a", 2)]
     assert summarize(quiet(m.samples_ms["b"]))["median"] == pytest.approx(1.0)
 
 
