@@ -4,6 +4,7 @@ Tuning runs here are tiny (test_mixer, one or two tasks, one or two trials each)
 as a subprocess with PIPELINE_CACHE_DIR or --db pointing into tmp_path, so the pytest process and
 the user's cache stay untouched.
 """
+import json
 import os
 import shutil
 import signal
@@ -35,6 +36,7 @@ def tune_cli(*args: str, env: dict | None = None, prefix: tuple[str, ...] = ("-m
 def assert_consistent(path: Path) -> int:
     """The database loads and every record's trace applies to the workload its line points at."""
     database = open_database(path)
+    assert database.unreplayable == 0  # a record written against the wrong workload line would not replay
     records = database.get_all_tuning_records()
     for record in records:
         schedule = tvm.s_tir.Schedule(record.workload.mod)
@@ -155,6 +157,28 @@ def test_truncated_last_line_is_dropped_and_reported(tuned, tmp_path):
     database = open_database(db)
     assert len(database) == records and database.repairs and "truncated last line" in database.repairs[0]
     assert (db / RECORDS).read_bytes().endswith(b"]\n") and not open_database(db).repairs
+
+
+def test_a_record_that_does_not_replay_is_left_out_and_reported(tuned, tmp_path):
+    db = tmp_path / "db"
+    shutil.copytree(next((tuned[0] / "tuning").iterdir()), db)
+    lines = (db / RECORDS).read_bytes().splitlines(keepends=True)
+    for k, line in enumerate(lines):  # a trace that inlines the matmul: well-formed, but a ScheduleError on replay
+        index, record = json.loads(line)
+        steps = record[0][0]
+        matmul = next((s[3][0] for s in steps if s[0] == "GetSBlock" and s[2][0] == "matmul"), None)
+        inline = next((s for s in steps if s[0] == "ComputeInline"), None)
+        if matmul and inline:
+            inline[1] = [matmul]
+            lines[k] = json.dumps([index, record], separators=(",", ":")).encode() + b"\n"
+            break
+    else:
+        pytest.fail("no record inlines a block")
+    (db / RECORDS).write_bytes(b"".join(lines))
+    database = open_database(db)
+    assert database.unreplayable == 1 and len(database) == len(lines) - 1
+    assert database.repairs == [f"left out 1 record(s) of {db / RECORDS} whose schedule does not replay on "
+                                "their workload"]
 
 
 @pytest.mark.parametrize("name, line", [(RECORDS, b"garbage\n"), (RECORDS, b"[7,[]]\n"), (WORKLOADS, b'["1","AAAA"]\n'),
