@@ -18,6 +18,7 @@ import pytest
 import tvm
 
 import targets
+from pipeline import tune as tune_module
 from pipeline.run import compile_model
 from pipeline.spec import BuildSpec
 from pipeline.tune import (NOTES, RECORDS, WORKLOADS, RpcTracker, RpcUnavailable, TuningDatabaseCorrupt,
@@ -319,3 +320,10 @@ def test_rpc_measurement(rpc_tracker, tmp_path, mixer):
     assert valid_records(db, mixer, "fused_matmul2_add6") == 1
     # measured by the server: it loaded the candidates, linked here (the default schedule and the record)
     assert server_log.read_text().count("load_module") >= 2 and "candidate.so" in server_log.read_text()
+
+
+def test_local_measurements_use_the_targets_cores():
+    runner = tune_module.local_runner(X86)
+    # in the runner's worker process, where MetaSchedule times candidates and our default schedules
+    threads = runner.pool.submit(lambda: __import__("tvm").get_global_func("runtime.NumThreads")()).result()
+    assert threads == X86.tvm_target["num-cores"] == os.cpu_count()
