@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import re
 import shutil
 import sys
@@ -197,7 +198,6 @@ def _load_device_runtime(device: str) -> None:
     a library that does not load (no CUDA on this machine, or another CUDA major) leaves it unregistered.
     """
     import ctypes
-    import os
 
     import tvm
 
@@ -278,18 +278,40 @@ def run_library(lib_path: Path, device: str, params: dict[str, np.ndarray], inpu
     return run_vm(vm, to_device([*inputs.values(), *params.values()], dev), output_names)
 
 
+def target_cores(manifest: dict) -> int | None:
+    """The CPU cores the library was compiled for: its LLVM target's (or CUDA target's host's) num-cores."""
+    for spec in (manifest["target"]["tvm_target"], manifest["target"].get("tvm_host")):
+        if isinstance(spec, dict) and spec.get("kind") == "llvm" and spec.get("num-cores"):
+            return int(spec["num-cores"])
+    return None
+
+
 def run_bundle(directory: Path, warmup: int, repeat: int) -> dict:
-    """Check, run, compare and time the artifact in ``directory``; OutputsDiffer if the outputs are wrong."""
+    """Check, run, compare and time the artifact in ``directory``; OutputsDiffer if the outputs are wrong.
+
+    TVM's thread pool gets the cores the library was compiled for, unless TVM_NUM_THREADS says otherwise:
+    left alone, TVM takes half the CPUs on x86 (it assumes two hyperthreads per core), 1 on a 2-vCPU host.
+    """
+    import tvm
+
     manifest = read_manifest(directory)
     verify_files(directory, manifest)  # before anything is loaded
     params, inputs, reference = load_arrays(directory, manifest)
     vm, dev = load_vm(Path(directory) / LIBRARY, manifest["target"]["device"])
     args = to_device([*inputs.values(), *params.values()], dev)
-    checks = check_outputs(run_vm(vm, args, tuple(reference)), reference, manifest)
+    cores, unset = target_cores(manifest), "TVM_NUM_THREADS" not in os.environ
+    if cores and unset:
+        os.environ["TVM_NUM_THREADS"] = str(cores)  # read when the pool starts, at the first run below
+    try:
+        checks = check_outputs(run_vm(vm, args, tuple(reference)), reference, manifest)
+    finally:
+        if cores and unset:
+            del os.environ["TVM_NUM_THREADS"]
     failed = [describe(c) for c in checks if not c["passed"]]
     if failed:
         raise OutputsDiffer("outputs differ from the reference: " + "; ".join(failed))
-    return {"manifest": manifest, "checks": checks, "latency": latency_stats(time_vm(vm, dev, args, warmup, repeat))}
+    return {"manifest": manifest, "checks": checks, "latency": latency_stats(time_vm(vm, dev, args, warmup, repeat)),
+            "threads": tvm.get_global_func("runtime.NumThreads")()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -315,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     for check in report["checks"]:
         print(describe(check))
     print(f"latency: median {latency['median_ms']:.3f} ms, p90 {latency['p90_ms']:.3f} ms over {latency['runs']} runs "
-          f"after {args.warmup} warm-up, on {manifest['target']['device']} ({time.perf_counter() - start:.1f} s in all)")
+          f"after {args.warmup} warm-up, on {manifest['target']['device']}, {report['threads']} CPU thread(s) "
+          f"({time.perf_counter() - start:.1f} s in all)")
     return 0
 
 

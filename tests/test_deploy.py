@@ -149,13 +149,14 @@ def copy_artifact(src: Path, dest: Path) -> Path:
     return dest
 
 
-def run_runner(*args: str) -> subprocess.CompletedProcess:
+def run_runner(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """run.py in a fresh interpreter where importing pipeline (or models/targets) fails: it must not need them."""
     code = ("import runpy, sys\n"
             "sys.modules.update(pipeline=None, models=None, targets=None)\n"
             f"sys.argv = {list(args)!r}\n"
             "runpy.run_path(sys.argv[0], run_name='__main__')\n")
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", timeout=120)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", timeout=120,
+                          env={k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"} | (env or {}))
 
 
 # ---------------------------------------------------------------- package + runner
@@ -174,6 +175,10 @@ def test_package_makes_one_bundle_whose_runner_needs_only_numpy_and_tvm(x86, tmp
     assert result.returncode == 0, result.stderr
     assert "files match the manifest" in result.stdout and "logits: max_abs" in result.stdout
     assert " ok" in result.stdout and "median" in result.stdout and "p90" in result.stdout
+    # the cores it was compiled for (x86: this host's), not TVM's default of half the CPUs; TVM_NUM_THREADS wins
+    assert f"{os.cpu_count()} CPU thread(s)" in result.stdout
+    result = run_runner(str(extracted / "run.py"), "--repeat", "1", env={"TVM_NUM_THREADS": "1"})
+    assert "1 CPU thread(s)" in result.stdout, result.stderr
 
 
 def test_runner_takes_a_bundle_file_or_a_directory(x86, tmp_path, capsys):
