@@ -828,8 +828,10 @@ def apply_records(mod: tvm.IRModule, spec: TargetSpec) -> tuple[tvm.IRModule, di
             if stats.default_secs <= stats.best_secs:
                 report["default_faster"][gv.name_hint] = times
                 continue
-        chosen.commit_tuning_record(TuningRecord(record.trace, chosen.commit_workload(workload), record.run_secs,
-                                                 record.target, record.args_info))
+        # Paired with the workload it was tuned on: its trace names that module's blocks, and MetaSchedule
+        # swaps in the scheduled copy of it (structurally this function).
+        chosen.commit_tuning_record(TuningRecord(record.trace, chosen.commit_workload(record.workload.mod),
+                                                 record.run_secs, record.target, record.args_info))
         report["functions"][gv.name_hint] = {"workload": ms.utils.shash2hex(workload), **times}
     with tvm_target(spec), chosen:
         tuned = relax.transform.MetaScheduleApplyDatabase()(mod)

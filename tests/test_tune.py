@@ -327,3 +327,21 @@ def test_local_measurements_use_the_targets_cores():
     # in the runner's worker process, where MetaSchedule times candidates and our default schedules
     threads = runner.pool.submit(lambda: __import__("tvm").get_global_func("runtime.NumThreads")()).result()
     assert threads == X86.tvm_target["num-cores"] == os.cpu_count()
+
+
+def test_records_tuned_in_one_model_replay_and_apply_in_another(tmp_path, monkeypatch):
+    # test_mixer, test_gmlp and test_resmlp share a mean pooling whose reduction block LegalizeOps names after
+    # a Relax variable (lv61_red, lv55_red, lv48_red): a record's trace must find its blocks in all three.
+    env = {**os.environ, "PIPELINE_CACHE_DIR": str(tmp_path)}
+    for model, trials in (("test_mixer", "1"), ("test_gmlp", "2")):
+        result = subprocess.run([sys.executable, "-m", "pipeline", "tune", "--model", model, "--trials", trials,
+                                 "--tasks", "mean"], env=env, capture_output=True, text=True, encoding="utf-8",
+                                timeout=TIMEOUT_S)
+        assert result.returncode == 0, result.stderr
+    monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_path))
+    path = database_dir(X86)
+    assert assert_consistent(path) >= 2  # test_gmlp's records replay on the workload test_mixer wrote
+    with open(path / NOTES, "a") as f:
+        f.write('[0,"default_secs",1.0]\n')  # so that the record, not the default schedule, is compiled in
+    _, manifest = compile_model(BuildSpec(model="test_resmlp", target="x86"), tmp_path / "art")
+    assert "mean" in manifest["tuning"]["functions"] and manifest["verify"]["passed"]

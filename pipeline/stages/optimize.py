@@ -7,6 +7,7 @@ import tvm
 from tvm import relax
 
 from targets import TargetSpec
+from tvm_schedules.passes.canonicalize_block_names import canonicalize_block_names
 from tvm_schedules.passes.fold_weight_transforms import fold_weight_transforms
 from tvm_schedules.passes.mark_weight_arguments import mark_weight_arguments
 from tvm_schedules.passes.rewrite_cyclefc import rewrite_cyclefc
@@ -27,17 +28,18 @@ DEFAULT_SCHEDULES = {"llvm": cpu_default_schedules}
 def lower_to_fused_tir(mod: tvm.IRModule) -> tvm.IRModule:
     """Legalize operators to TIR and fuse them, as the targets' default pipelines do first.
 
-    Tuning tasks are extracted from, and records applied to, exactly these fused functions. Each one says
-    which of its arguments are model weights (``layout_free_buffers``), so a schedule may read a weight in
-    another layout at no cost per call (see ``fold_weight_transforms``).
+    Tuning tasks are extracted from, and records applied to, exactly these fused functions, their blocks
+    named alike in every model (``canonicalize_block_names``). Each one says which of its arguments are
+    model weights (``layout_free_buffers``), so a schedule may read a weight in another layout at no cost
+    per call (see ``fold_weight_transforms``).
     """
-    return mark_weight_arguments(tvm.transform.Sequential([
+    return mark_weight_arguments(canonicalize_block_names(tvm.transform.Sequential([
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
-    ])(mod))
+    ])(mod)))
 
 
 def lower(mod: tvm.IRModule, params: dict[str, np.ndarray], target: TargetSpec, fp16: bool = False
