@@ -487,11 +487,14 @@ def _export_shared_library(rt_mod: tvm.runtime.Module, triple: str | None) -> st
     return path
 
 
-def _alloc_arguments(_session, device, args_info, alloc_repeat: int) -> list:
-    """MetaSchedule's RPC argument allocation, with the random data made here and copied over.
+def _alloc_arguments(device, args_info, alloc_repeat: int) -> list:
+    """Candidates' arguments: floats uniform in [0, 1), integers 0, made here and copied to the device.
 
-    Its default fills them on the board with ``tvm.contrib.random``, which the runtime-only TVM
-    that boards install lacks ("Unable to find function ... random_fill_for_measure").
+    MetaSchedule's default fills integers at random too: the index argument of a gather (CycleMLP's
+    ``take`` of its branch weights) then reads out of bounds and kills the runner ("Subprocess
+    terminated"). 0 is a valid index into any axis. Its default also fills on the device with
+    ``tvm.contrib.random``, which the runtime-only TVM that boards install lacks ("Unable to find
+    function ... random_fill_for_measure").
     """
     import numpy as np
     from tvm.s_tir.meta_schedule.runner.utils import alloc_argument_common
@@ -499,6 +502,10 @@ def _alloc_arguments(_session, device, args_info, alloc_repeat: int) -> list:
     rng = np.random.default_rng(0)
     return alloc_argument_common(
         lambda t: t.copyfrom(rng.uniform(size=tuple(t.shape)).astype(str(t.dtype))), device, args_info, alloc_repeat)
+
+
+def _alloc_remote_arguments(_session, device, args_info, alloc_repeat: int) -> list:
+    return _alloc_arguments(device, args_info, alloc_repeat)
 
 
 @contextlib.contextmanager
@@ -563,7 +570,8 @@ def local_runner(spec: TargetSpec) -> ms.runner.LocalRunner:
     this 2-vCPU host. There a record that beat our default schedule single-threaded (8.6 ms against 11.9 ms,
     convmixer_768_32's 1x1 conv) was applied, and the 2-thread model ran 279 ms instead of 248."""
     threads = int(tvm_target(spec).attrs.get("num-cores", 0) or os.cpu_count() or 1)
-    return ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S, initializer=functools.partial(_use_threads, threads))
+    return ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S, f_alloc_argument=_alloc_arguments,
+                                 initializer=functools.partial(_use_threads, threads))
 
 
 def _builder_and_runner(spec: TargetSpec, rpc: RpcTracker | None):
@@ -577,7 +585,7 @@ def _builder_and_runner(spec: TargetSpec, rpc: RpcTracker | None):
     if rpc is None:
         return builder, local_runner(spec)
     config = ms.runner.RPCConfig(rpc.host, rpc.port, rpc.key, session_timeout_sec=RPC_SESSION_TIMEOUT_S)
-    return builder, ms.runner.RPCRunner(config, f_alloc_argument=_alloc_arguments, max_workers=check_tracker(rpc))
+    return builder, ms.runner.RPCRunner(config, f_alloc_argument=_alloc_remote_arguments, max_workers=check_tracker(rpc))
 
 
 def _default_schedules(tasks: list[Task], spec: TargetSpec) -> list[tuple[Task, tvm.IRModule]]:

@@ -235,6 +235,18 @@ def test_hand_scheduled_cyclefc_is_not_tuned(tmp_path):
         tune(mod, X86, open_database(tmp_path / "db"), trials=1, task_pattern="cyclefc*")
 
 
+def test_gathers_are_measured_with_indices_in_bounds(tmp_path):
+    # CycleMLP takes its branch weights by index (ONNX Gather -> take); random indices used to read out
+    # of bounds and kill the runner, so neither the default schedule nor any candidate was ever timed.
+    mod = tuning_module("test_cyclemlp", X86)
+    tasks = [t for t in extract_tasks(mod, X86) if t.name.startswith("take")]
+    assert tasks
+    database = open_database(tmp_path / "db")
+    report = tune(mod, X86, database, trials=1, task_pattern="take*")
+    assert report.new_valid == report.new_records >= 1 and report.first_error is None
+    assert all(database.stats(task.mod).default_secs is not None for task in tasks)
+
+
 def test_rpc_arguments_are_checked(tmp_path):
     result = tune_cli("--rpc-tracker", "127.0.0.1:9190")
     assert result.returncode == 2 and "--rpc-tracker and --rpc-key go together" in result.stderr
