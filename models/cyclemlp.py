@@ -162,7 +162,8 @@ class CycleMLP(nn.Module):
         a = (h + w + c).permute(0, 3, 1, 2).flatten(2).mean(2)  # B, C
         # (B, 3C) -> (B, C, 3): the three branch weights of channel j are outputs 3j, 3j+1, 3j+2
         a = self.reweight(a).reshape(B, C, 3).permute(2, 0, 1).softmax(dim=0).unsqueeze(2).unsqueeze(2)
-        x = h * a[0] + w * a[1] + c * a[2]
+        a_h, a_w, a_c = a.unbind(0)  # exports as one Split, not three Gathers whose indices TVM cannot bound
+        x = h * a_h + w * a_w + c * a_c
         return self.proj_drop(self.proj(x))
 
 
