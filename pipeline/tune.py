@@ -490,9 +490,9 @@ def _export_shared_library(rt_mod: tvm.runtime.Module, triple: str | None) -> st
 def _alloc_arguments(device, args_info, alloc_repeat: int) -> list:
     """Candidates' arguments: floats uniform in [0, 1), integers 0, made here and copied to the device.
 
-    MetaSchedule's default fills integers at random too: the index argument of a gather (CycleMLP's
-    ``take`` of its branch weights) then reads out of bounds and kills the runner ("Subprocess
-    terminated"). 0 is a valid index into any axis. Its default also fills on the device with
+    MetaSchedule's default fills integers at random too: the index argument of a gather (``take``)
+    then reads out of bounds and kills the runner ("Subprocess terminated"). 0 is a valid index into
+    any axis. Its default also fills on the device with
     ``tvm.contrib.random``, which the runtime-only TVM that boards install lacks ("Unable to find
     function ... random_fill_for_measure").
     """

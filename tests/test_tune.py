@@ -237,7 +237,7 @@ def test_hand_scheduled_cyclefc_is_not_tuned(tmp_path):
 
 
 def test_gathers_are_measured_with_indices_in_bounds(tmp_path):
-    # A gather's indices are an argument of its function (a constant lifted out by FuseTIR): random ones read
+    # A gather's indices, even constant ones, are an argument of its TIR function: random ones read
     # out of bounds and killed the runner, so neither the default schedule nor any candidate was ever timed.
     from tvm.script import relax as R
 
