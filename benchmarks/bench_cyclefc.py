@@ -29,11 +29,14 @@ def _parse_args(argv=None):
 
 OPTS = _parse_args()
 THREADS = OPTS.threads
-os.environ["TVM_NUM_THREADS"] = str(THREADS)  # read when TVM's thread pool starts
 os.environ["OMP_NUM_THREADS"] = str(THREADS)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from pipeline.runtime import use_threads  # noqa: E402  (numpy only: TVM is not imported yet)
+
+use_threads(THREADS)  # before TVM's thread pool starts
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -48,11 +48,11 @@ def _parse_args(argv=None):
 
 
 def _tune(name: str, minutes: float, trials: int) -> dict:
-    import targets
+    from pipeline.spec import BuildSpec
     from pipeline.tune import tune_model
 
     start = time.perf_counter()
-    report = tune_model(name, targets.get_target("x86"), trials=trials, time_budget_s=minutes * 60)
+    report = tune_model(BuildSpec(model=name, target="x86"), trials=trials, time_budget_s=minutes * 60)
     return {"seconds": time.perf_counter() - start, "new_valid_records": report.new_valid,
             "stopped_by_time_budget": report.stopped_by_time_budget}
 
@@ -79,12 +79,13 @@ def bench_one(name: str, opts, workdir: Path) -> dict:
 def main() -> None:
     opts = _parse_args()
     import models
+    from pipeline import paths
     from pipeline.bench import configure_threads
 
     configure_threads(opts.threads)  # before anything starts TVM's thread pool
     names = opts.models or [m for m in models.list_models() if not m.startswith("test_")]
     cache = opts.cache or Path(tempfile.mkdtemp(prefix="bench-zoo-cache-"))
-    os.environ["PIPELINE_CACHE_DIR"] = str(cache)
+    os.environ[paths.CACHE_ENV] = str(cache)
     budget = f"tuning budget {opts.tune_minutes:g} min/model, {opts.trials} trials/task" if opts.tune_minutes else \
         "untuned: default schedules"
     print(f"x86, batch 1, float32, {opts.threads} thread(s) each; {budget}; tuning cache {cache}; "

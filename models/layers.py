@@ -69,7 +69,9 @@ def named_apply(fn: Callable, module: nn.Module, name: str = '', include_root: b
 # --------------------------------------------------------------------------------------------
 
 class Mlp(nn.Module):
-    """fc1 -> act -> fc2, as in ViT / MLP-Mixer (keys ``fc1.*``, ``fc2.*``)."""
+    """fc1 -> act -> [gate] -> fc2, as in ViT / MLP-Mixer (keys ``fc1.*``, ``fc2.*``) and, with a ``gate_layer``,
+    gMLP (timm's GatedMlp: ``gate.*``; ``gate_layer(hidden_features)`` must halve the width, as the spatial
+    gating unit does)."""
 
     def __init__(
             self,
@@ -78,36 +80,7 @@ class Mlp(nn.Module):
             out_features: Optional[int] = None,
             act_layer: Callable[[], nn.Module] = nn.GELU,
             drop: float = 0.,
-    ):
-        super().__init__()
-        out_features = out_features or in_features
-        hidden_features = hidden_features or in_features
-        self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = act_layer()
-        self.drop1 = nn.Dropout(drop)
-        self.norm = nn.Identity()  # timm's optional hidden norm, unused by these models
-        self.fc2 = nn.Linear(hidden_features, out_features)
-        self.drop2 = nn.Dropout(drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.drop1(self.act(self.fc1(x)))
-        return self.drop2(self.fc2(self.norm(x)))
-
-
-class GatedMlp(nn.Module):
-    """MLP with a gating unit after the activation, as in gMLP.
-
-    ``gate_layer(hidden_features)`` must halve the width (the spatial gating unit does).
-    """
-
-    def __init__(
-            self,
-            in_features: int,
-            hidden_features: Optional[int] = None,
-            out_features: Optional[int] = None,
-            act_layer: Callable[[], nn.Module] = nn.GELU,
             gate_layer: Optional[Callable[[int], nn.Module]] = None,
-            drop: float = 0.,
     ):
         super().__init__()
         out_features = out_features or in_features
@@ -126,9 +99,12 @@ class GatedMlp(nn.Module):
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.drop1(self.act(self.fc1(x)))
-        x = self.gate(x)
+        x = self.gate(self.drop1(self.act(self.fc1(x))))
         return self.drop2(self.fc2(self.norm(x)))
+
+
+class GatedMlp(Mlp):
+    """timm's name for the gated form (gMLP's channel MLP); pass ``gate_layer``."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -35,9 +35,9 @@ import numpy as np
 import targets
 from . import runtime
 from .bundle import open_artifact
-from .errors import OutputCheck, PipelineError, VerificationFailed
+from .errors import BadInput
 from .run import StageListener, compile_model, default_out_dir
-from .spec import BuildSpec
+from .spec import Board, BuildSpec
 
 Timer = Callable[[int], float]
 # The reference workload: a float32 REFERENCE_SIZE^3 matmul. Not 256: with power-of-two rows its time depended on
@@ -46,10 +46,8 @@ REFERENCE_SIZE = 240
 QUIET_SLACK = 0.10  # a quiet sample: within 10 % of the timer's fastest sample in the run
 
 
-class BenchError(PipelineError):
+class BenchError(BadInput):
     """The artifact cannot be measured as asked (another model or target, a library for a board, ...)."""
-
-    exit_code = 2
 
 
 @dataclass(frozen=True)
@@ -180,7 +178,7 @@ def configure_threads(threads: int) -> None:
     this 2-core machine, yet ran test_cyclemlp 2.5x slower than with TVM_NUM_THREADS=1.)"""
     import tvm
 
-    os.environ["TVM_NUM_THREADS"] = str(threads)
+    runtime.use_threads(threads)
     actual = tvm.get_global_func("runtime.NumThreads")()
     if actual != threads:
         raise BenchError(f"TVM's thread pool already runs {actual} thread(s) in this process, not {threads}; "
@@ -208,8 +206,8 @@ def evaluator_timer(module, func_name: str, dev, *args) -> Timer:
     return lambda number: module.time_evaluator(func_name, dev, number=number, repeat=1)(*args).mean
 
 
-def reference_kernel(spec: targets.TargetSpec):
-    """The machine-speed probe: a parallel, vectorized float32 matmul built with TVM for the CPU of ``spec``
+def reference_kernel(target: targets.TargetSpec):
+    """The machine-speed probe: a parallel, vectorized float32 matmul built with TVM for the CPU of ``target``
     (the host CPU of a GPU target), run by the same thread pool as the model. Fixed code: its time changes
     only with the machine, its load and TVM."""
     import tvm
@@ -226,7 +224,7 @@ def reference_kernel(spec: targets.TargetSpec):
     sch.reorder(i, jo, kk, ji)
     sch.parallel(i)
     sch.vectorize(ji)
-    cpu = tvm.target.Target(spec.tvm_host if spec.cuda else spec.tvm_target)
+    cpu = tvm.target.Target(target.tvm_host if target.cuda else target.tvm_target)
     return tvm.compile(tvm.IRModule({"main": sch.mod["main"]}), target=cpu)
 
 
@@ -262,14 +260,14 @@ def local_library(directory: Path, target: targets.TargetSpec, threads: int) -> 
         "thread(s), stateful calls in a Python loop"
 
 
-def board_library(board, directory: Path, manifest: dict, target: targets.TargetSpec, work: Path,
+def board_library(board: Board, directory: Path, manifest: dict, target: targets.TargetSpec, work: Path,
                   timeout: float) -> tuple:
     """(vm, device, tvm timer, reference timer, how) for the library on a board, through pipeline.deploy's
     session (connect, check the board can run it); both timers run on the board, each sample bounded by ``timeout``."""
     from tvm.runtime.vm import VirtualMachine
 
-    from .cross_link import cross_linker
     from .deploy import check_board, connect, remote_step
+    from .toolchain.cross_link import cross_linker
 
     remote = connect(board, timeout)
     arch = check_board(remote, board, directory, manifest, timeout)
@@ -337,14 +335,6 @@ def torch_timer(directory: Path, manifest: dict, inputs: dict[str, np.ndarray], 
 PEER_TIMERS = {"onnxruntime": onnxruntime_timer, "torch": torch_timer}
 
 
-def check_outputs(who: str, outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray], manifest: dict) -> None:
-    """Time only runtimes that compute the artifact's model: outputs against outputs.npz, manifest tolerances."""
-    checks = runtime.check_outputs(outputs, reference, manifest)
-    failures = [OutputCheck(**{**c, "name": f"{who}/{c['name']}"}) for c in checks if not c["passed"]]
-    if failures:
-        raise VerificationFailed(failures)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Per-kernel timing
 
@@ -407,9 +397,9 @@ def ensure_artifact(spec: BuildSpec, root: Path | None = None, listener: StageLi
 
 
 def bench_artifact(path: Path, *, peers: tuple[str, ...] = (), per_layer: bool = False, threads: int | None = None,
-                   budget: Budget = Budget(), expect: BuildSpec | None = None, board=None,
+                   budget: Budget = Budget(), expect: BuildSpec | None = None, board: Board | None = None,
                    timeout: float = 60.0) -> dict:
-    """Measure the artifact (directory or bundle) at ``path``, here or on ``board`` (a pipeline.deploy.Board),
+    """Measure the artifact (directory or bundle) at ``path``, here or on ``board``,
     with ``peers`` interleaved (here only); return the result.
 
     ``expect``: refuse an artifact of another model, target or batch size."""
@@ -430,13 +420,14 @@ def bench_artifact(path: Path, *, peers: tuple[str, ...] = (), per_layer: bool =
             local_library(directory, target, threads) if board is None
             else board_library(board, directory, manifest, target, Path(work), timeout))
         args = runtime.to_device([*inputs.values(), *params.values()], dev)
-        check_outputs("tvm", runtime.run_vm(vm, args, tuple(reference)), reference, manifest)
+        # Time only runtimes that compute the artifact's model: outputs against outputs.npz, manifest tolerances.
+        runtime.require_outputs_match(runtime.run_vm(vm, args, tuple(reference)), reference, manifest, prefix="tvm/")
         vm.set_input("main", *args)  # what tvm_timer's stateful calls run
         timers = {"tvm": tvm_timer, "reference": reference_timer}
         how = {"tvm": how_tvm, "reference": REFERENCE_HOW}
         for peer in peers:
             timers[peer], outputs, how[peer] = PEER_TIMERS[peer](directory, manifest, inputs, threads)
-            check_outputs(peer, outputs, reference, manifest)
+            runtime.require_outputs_match(outputs, reference, manifest, prefix=f"{peer}/")
         m = measure(timers, budget)
         kernels = profile_kernels(directory / runtime.LIBRARY, target.device, args) if per_layer else None
     latency = {name: summarize(quiet(v)) for name, v in m.samples_ms.items()}
@@ -467,7 +458,8 @@ def bench_artifact(path: Path, *, peers: tuple[str, ...] = (), per_layer: bool =
 
 
 def bench_model(spec: BuildSpec, artifact: Path | None = None, *, peers: tuple[str, ...] = (), per_layer: bool = False,
-                threads: int | None = None, budget: Budget = Budget(), board=None, timeout: float = 60.0,
+                threads: int | None = None, budget: Budget = Budget(), board: Board | None = None,
+                timeout: float = 60.0,
                 listener: StageListener = lambda *_: None) -> dict:
     """`pipeline bench`: measure ``artifact``, or the default artifact of ``spec`` (compiled when missing)."""
     if board is None:

@@ -7,7 +7,7 @@ itself (stdlib + numpy + the TVM runtime). On the board::
     tar xf cyclemlp_b1-jetson-orin-nano.tar && python3 cyclemlp_b1-jetson-orin-nano/run.py
 
 Extraction and the hash check are pipeline.runtime's, the code the board runs, so the host and the
-board apply the same rules; here their errors become a PipelineError.
+board apply the same rules, and raise the same BundleError.
 """
 from __future__ import annotations
 
@@ -19,23 +19,9 @@ from pathlib import Path
 from typing import Iterator
 
 from . import runtime
-from .errors import PipelineError
+from .runtime import BundleError, extract_bundle
 
 SUFFIXES = (".tar", ".tar.gz", ".tgz")
-
-
-class BundleError(PipelineError):
-    """A bundle or artifact that is malformed, unsafe to extract, or fails its sha256 check."""
-
-    exit_code = 2
-
-
-@contextlib.contextmanager
-def _as_bundle_error() -> Iterator[None]:
-    try:
-        yield
-    except runtime.BundleError as e:
-        raise BundleError(str(e)) from None
 
 
 def stem(path: Path) -> str:
@@ -45,16 +31,9 @@ def stem(path: Path) -> str:
 
 def verify_artifact(directory: Path) -> dict:
     """The manifest of the artifact in ``directory``, once every file matches its sha256 there."""
-    with _as_bundle_error():
-        manifest = runtime.read_manifest(directory)
-        runtime.verify_files(directory, manifest)
+    manifest = runtime.read_manifest(directory)
+    runtime.verify_files(directory, manifest)
     return manifest
-
-
-def extract_bundle(bundle: Path, dest: Path) -> Path:
-    """Safely extract ``bundle`` into ``dest`` (see pipeline.runtime.extract_bundle); return its directory."""
-    with _as_bundle_error():
-        return runtime.extract_bundle(bundle, dest)
 
 
 @contextlib.contextmanager

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from rich.table import Column, Table
 import models
 import targets
 from .errors import PipelineError
-from .spec import BuildSpec
+from .spec import Board, BuildSpec
 
 console = Console(stderr=True)
 stdout = Console()
@@ -38,6 +39,23 @@ class StageProgress:
 def _fail(message: str, code: int) -> None:
     console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
     sys.exit(code)
+
+
+def reports_errors(interrupted: str = "interrupted"):
+    """A command's errors as one line and their exit code (pipeline.errors); Ctrl-C as ``interrupted``, 130."""
+    def decorate(command):
+        @functools.wraps(command)
+        def wrapper(*args, **kwargs):
+            try:
+                return command(*args, **kwargs)
+            except PipelineError as e:
+                _fail(str(e), e.exit_code)
+            except KeyboardInterrupt:
+                _fail(interrupted, 130)
+
+        return wrapper
+
+    return decorate
 
 
 def _check_name(name: str, lookup, error_type) -> None:
@@ -84,24 +102,15 @@ def cli() -> None:
 @click.option("--cuda-arch", default=None, metavar="sm_XY",
               help="GPU architecture for the generic `cuda` target (default sm_87).")
 @click.option("--fp16", is_flag=True, help="Compute in float16 (verified with the variant's fp16 tolerance).")
+@reports_errors("interrupted; no artifact was written")
 def compile_cmd(model_name: str, target_name: str, batch: int, weights: Path | None, out: Path | None,
                 seed: int, cuda_arch: str | None, fp16: bool) -> None:
     """Export, simplify, import, optimize, build, verify and package one model for one target."""
     from .run import compile_model
 
-    if cuda_arch is not None:
-        try:
-            targets.get_target(target_name).with_cuda_arch(cuda_arch)
-        except ValueError as e:
-            raise click.BadParameter(str(e), param_hint="--cuda-arch") from None
     spec = BuildSpec(model=model_name, target=target_name, batch=batch, weights=weights, seed=seed,
                      cuda_arch=cuda_arch, fp16=fp16)
-    try:
-        out_dir, manifest = compile_model(spec, out, listener=StageProgress())
-    except PipelineError as e:
-        _fail(str(e), e.exit_code)
-    except KeyboardInterrupt:
-        _fail("interrupted; no artifact was written", 130)
+    out_dir, manifest = compile_model(spec, out, listener=StageProgress())
     console.print(f"  compiled library: {manifest['verify']['compiled_library']}", highlight=False, soft_wrap=True)
     for check in manifest["verify"]["outputs"]:
         console.print(f"  {check['name']}: max_abs {check['max_abs']:.3g}, max_rel {check['max_rel']:.3g} "
@@ -155,6 +164,38 @@ def _host_port(_ctx, _param, value: str | None) -> tuple[str, int] | None:
     return host, int(port)
 
 
+def board_options(what: str, required: bool = False):
+    """--device, --rpc-tracker with --rpc-key, and --timeout: the board a command talks to, passed to it as
+    ``board`` (a Board, or None when neither address is given and ``required`` is false) and ``timeout``."""
+    options = (
+        click.option("--device", "device_addr", callback=_host_port, default=None, metavar="HOST:PORT",
+                     help=f"{what} on the board's TVM RPC server (see `deploy --help`)."),
+        click.option("--rpc-tracker", callback=_host_port, default=None, metavar="HOST:PORT",
+                     help=f"{what} on a board registered with this TVM RPC tracker (needs --rpc-key)."),
+        click.option("--rpc-key", default=None, metavar="KEY", help="The board's key at the tracker."),
+        click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
+                     metavar="S", help="Give up when the board or tracker does not answer for S seconds."),
+    )
+
+    def decorate(command):
+        @functools.wraps(command)
+        def wrapper(*args, device_addr, rpc_tracker, rpc_key, **kwargs):
+            if (rpc_tracker is None) != (rpc_key is None):
+                raise click.UsageError("--rpc-tracker and --rpc-key go together")
+            if device_addr and rpc_tracker:
+                raise click.UsageError("give either --device or --rpc-tracker, not both")
+            if required and not (device_addr or rpc_tracker):
+                raise click.UsageError("give either --device HOST:PORT or --rpc-tracker HOST:PORT with --rpc-key")
+            board = Board(*device_addr) if device_addr else Board(*rpc_tracker, rpc_key) if rpc_tracker else None
+            return command(*args, board=board, **kwargs)
+
+        for option in reversed(options):
+            wrapper = option(wrapper)
+        return wrapper
+
+    return decorate
+
+
 @cli.command("tune")
 @model_option
 @target_option()
@@ -162,9 +203,7 @@ def _host_port(_ctx, _param, value: str | None) -> tuple[str, int] | None:
               help="Measured candidates wanted per task; tasks that have them already are skipped.")
 @click.option("--time-budget", type=click.FloatRange(min=0, min_open=True), default=None, metavar="MIN",
               help="Start no new measurement after MIN minutes (the ones in flight finish and are saved).")
-@click.option("--rpc-tracker", callback=_host_port, default=None, metavar="HOST:PORT",
-              help="Measure on the boards registered with this TVM RPC tracker (needs --rpc-key).")
-@click.option("--rpc-key", default=None, metavar="KEY", help="The boards' key at the tracker.")
+@board_options("Measure candidates")
 @click.option("--db", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Database directory. Default: the target's under $PIPELINE_CACHE_DIR (~/.cache/pipeline)/tuning, "
                    "the one `compile` applies.")
@@ -172,30 +211,22 @@ def _host_port(_ctx, _param, value: str | None) -> tuple[str, int] | None:
               help="Tune only the tasks (fused functions) whose name matches.")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Batch size, as compiled.")
 @click.option("--fp16", is_flag=True, help="Tune the float16 build (`compile --fp16`).")
-def tune_cmd(model_name: str, target_name: str, trials: int, time_budget: float | None,
-             rpc_tracker: tuple[str, int] | None, rpc_key: str | None, db: Path | None, task_pattern: str,
-             batch: int, fp16: bool) -> None:
+@reports_errors("interrupted; the records measured so far are saved: run the same command again to continue")
+def tune_cmd(model_name: str, target_name: str, trials: int, time_budget: float | None, board: Board | None,
+             timeout: float, db: Path | None, task_pattern: str, batch: int, fp16: bool) -> None:
     """Tune the model's fused TIR functions with MetaSchedule; `compile` applies the records.
 
     Resumable: records are saved after every measured batch, so running the command again continues.
     """
-    from .tune import RpcTracker, tune_model
+    from .tune import tune_model
 
-    if (rpc_tracker is None) != (rpc_key is None):
-        raise click.UsageError("--rpc-tracker and --rpc-key go together")
-    rpc = RpcTracker(*rpc_tracker, rpc_key) if rpc_tracker else None
     progress = TuneProgress()
     try:
-        report = tune_model(model_name, targets.get_target(target_name), trials=trials, batch=batch, fp16=fp16,
-                            db=db, time_budget_s=None if time_budget is None else 60 * time_budget, rpc=rpc,
-                            task_pattern=task_pattern, listener=progress)
-    except PipelineError as e:
+        report = tune_model(BuildSpec(model=model_name, target=target_name, batch=batch, fp16=fp16), trials=trials,
+                            db=db, time_budget_s=None if time_budget is None else 60 * time_budget, board=board,
+                            timeout=timeout, task_pattern=task_pattern, listener=progress)
+    finally:
         progress.stop()
-        _fail(str(e), e.exit_code)
-    except KeyboardInterrupt:
-        progress.stop()
-        _fail("interrupted; the records measured so far are saved: run the same command again to continue", 130)
-    progress.stop()
     for line in report.repairs:
         console.print(f"  [yellow]repaired:[/yellow] {line}", highlight=False, soft_wrap=True)
     for status, label in (("hand-scheduled", "hand-scheduled, not tuned"), ("tuned already", "tuned already (skipped)"),
@@ -220,6 +251,7 @@ def tune_cmd(model_name: str, target_name: str, trials: int, time_budget: float 
 @click.argument("artifact_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Bundle file: NAME.tar, or NAME.tar.gz / NAME.tgz for gzip. Default: ARTIFACT_DIR.tar beside it.")
+@reports_errors()
 def package_cmd(artifact_dir: Path, out: Path | None) -> None:
     """Pack an artifact into one bundle file for a board.
 
@@ -229,28 +261,19 @@ def package_cmd(artifact_dir: Path, out: Path | None) -> None:
     """
     from .bundle import make_bundle
 
-    try:
-        bundle = make_bundle(artifact_dir, out)
-    except PipelineError as e:
-        _fail(str(e), e.exit_code)
+    bundle = make_bundle(artifact_dir, out)
     stdout.print(f"bundle: {bundle} ({bundle.stat().st_size / 1e6:.1f} MB)", highlight=False, soft_wrap=True)
 
 
 @cli.command("deploy")
 @click.argument("artifact", type=click.Path(path_type=Path, exists=True))
-@click.option("--device", "device_addr", callback=_host_port, default=None, metavar="HOST:PORT",
-              help="The board's TVM RPC server.")
-@click.option("--rpc-tracker", callback=_host_port, default=None, metavar="HOST:PORT",
-              help="A TVM RPC tracker the board registered with (needs --rpc-key).")
-@click.option("--rpc-key", default=None, metavar="KEY", help="The board's key at the tracker.")
+@board_options("Run it", required=True)
 @click.option("--repeat", type=click.IntRange(min=1), default=50, show_default=True, help="Timed runs.")
 @click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True, help="Untimed runs before timing.")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True, metavar="S",
-              help="Give up when the board or tracker does not answer for S seconds (connecting included).")
 @click.option("--json-out", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Result file. Default: ARTIFACT.deploy.json beside the artifact or bundle.")
-def deploy_cmd(artifact: Path, device_addr: tuple[str, int] | None, rpc_tracker: tuple[str, int] | None,
-               rpc_key: str | None, repeat: int, warmup: int, timeout: float, json_out: Path | None) -> None:
+@reports_errors()
+def deploy_cmd(artifact: Path, board: Board, repeat: int, warmup: int, timeout: float, json_out: Path | None) -> None:
     """Run an artifact or bundle on a board over TVM RPC: check its sha256s, verify its outputs there, time it.
 
     \b
@@ -261,19 +284,9 @@ def deploy_cmd(artifact: Path, device_addr: tuple[str, int] | None, rpc_tracker:
     (192.168.55.1: a Jetson's USB-network address; or --host 127.0.0.1 and an SSH tunnel).
     Never --host 0.0.0.0 on a network you do not control.
     """
-    from .deploy import Board, deploy
+    from .deploy import deploy
 
-    if (device_addr is None) == (rpc_tracker is None):
-        raise click.UsageError("give either --device HOST:PORT or --rpc-tracker HOST:PORT with --rpc-key")
-    if (rpc_tracker is None) != (rpc_key is None):
-        raise click.UsageError("--rpc-tracker and --rpc-key go together")
-    board = Board(*device_addr) if device_addr else Board(*rpc_tracker, tracker_key=rpc_key)
-    try:
-        result, json_path = deploy(artifact, board, warmup=warmup, repeat=repeat, timeout=timeout, json_out=json_out)
-    except PipelineError as e:
-        _fail(str(e), e.exit_code)
-    except KeyboardInterrupt:
-        _fail("interrupted", 130)
+    result, json_path = deploy(artifact, board, warmup=warmup, repeat=repeat, timeout=timeout, json_out=json_out)
     latency = result["latency_ms"]
     console.print(f"  board: {board} ({result['board']['arch'] or 'CPU not reported by its runtime-only TVM'}), "
                   f"device {result['board']['device']}",
@@ -305,6 +318,16 @@ def _name_list(lookup, error_type):
     return check
 
 
+def max_seconds_option(default: float, help_text: str):
+    return click.option("--max-seconds", type=click.FloatRange(min=0, min_open=True), default=default,
+                        show_default=True, help=help_text)
+
+
+def report_dir_option(formats: str):
+    return click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=Path("bench-results"),
+                        show_default=True, help=f"Directory of the {formats} report.")
+
+
 def _peer(name: str) -> None:
     from .bench import PEER_TIMERS
 
@@ -324,20 +347,12 @@ def _peer(name: str) -> None:
 @click.option("--per-layer", is_flag=True, help="Also time every compiled kernel and list the top ones.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Threads of TVM, ONNX Runtime and PyTorch. Default: this machine's cores.")
-@click.option("--max-seconds", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
-              help="Stop sampling after this long even when the medians are not yet within +-2%.")
-@click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=Path("bench-results"),
-              show_default=True, help="Directory of the JSON, Markdown and PNG report.")
-@click.option("--device", "device_addr", callback=_host_port, default=None, metavar="HOST:PORT",
-              help="Time the library on a board's TVM RPC server instead of here (see `deploy --help`).")
-@click.option("--rpc-tracker", callback=_host_port, default=None, metavar="HOST:PORT",
-              help="A TVM RPC tracker the board registered with (needs --rpc-key).")
-@click.option("--rpc-key", default=None, metavar="KEY", help="The board's key at the tracker.")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True, metavar="S",
-              help="With a board: give up when it does not answer for S seconds.")
+@max_seconds_option(30.0, "Stop sampling after this long even when the medians are not yet within +-2%.")
+@report_dir_option("JSON, Markdown and PNG")
+@board_options("Time the library instead of here")
+@reports_errors()
 def bench_cmd(model_name: str, target_name: str, batch: int, peers: tuple[str, ...], artifact: Path | None,
-              per_layer: bool, threads: int | None, max_seconds: float, out: Path,
-              device_addr: tuple[str, int] | None, rpc_tracker: tuple[str, int] | None, rpc_key: str | None,
+              per_layer: bool, threads: int | None, max_seconds: float, out: Path, board: Board | None,
               timeout: float) -> None:
     """Measure the compiled model's latency (and its peers', interleaved in the same run); write a report.
 
@@ -346,25 +361,14 @@ def bench_cmd(model_name: str, target_name: str, batch: int, peers: tuple[str, .
     (within 10% of its fastest: other jobs on the machine only ever add time).
     """
     from .bench import Budget, bench_model
-    from .deploy import Board
     from .report import bench_summary, bench_table, kernel_table, write_bench_report
 
-    if (rpc_tracker is None) != (rpc_key is None):
-        raise click.UsageError("--rpc-tracker and --rpc-key go together")
-    if device_addr and rpc_tracker:
-        raise click.UsageError("give either --device or --rpc-tracker, not both")
-    board = Board(*device_addr) if device_addr else Board(*rpc_tracker, tracker_key=rpc_key) if rpc_tracker else None
     if board and (peers or per_layer):
         raise click.UsageError("--compare and --per-layer run on this machine; they cannot be combined with a board")
     spec = BuildSpec(model=model_name, target=target_name, batch=batch)
-    try:
-        result = bench_model(spec, artifact, peers=peers, per_layer=per_layer, threads=threads, board=board,
-                             timeout=timeout, budget=Budget(max_seconds=max_seconds), listener=StageProgress())
-        paths = write_bench_report(result, out)
-    except PipelineError as e:
-        _fail(str(e), e.exit_code)
-    except KeyboardInterrupt:
-        _fail("interrupted", 130)
+    result = bench_model(spec, artifact, peers=peers, per_layer=per_layer, threads=threads, board=board,
+                         timeout=timeout, budget=Budget(max_seconds=max_seconds), listener=StageProgress())
+    paths = write_bench_report(result, out)
     console.print(bench_summary(result), highlight=False, soft_wrap=True)
     _print_table(bench_table(result))
     if result["kernels"]:
@@ -385,10 +389,9 @@ def bench_cmd(model_name: str, target_name: str, batch: int, peers: tuple[str, .
 @click.option("--update", is_flag=True, help="Record the measurements as the new baselines instead of comparing.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="TVM threads; must match the baselines. 1: stable on a machine shared with other jobs.")
-@click.option("--max-seconds", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
-              help="Sampling time limit per model (reached only while other jobs keep the machine busy).")
-@click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=Path("bench-results"),
-              show_default=True, help="Directory of the JSON and Markdown report.")
+@max_seconds_option(60.0, "Sampling time limit per model (reached only while other jobs keep the machine busy).")
+@report_dir_option("JSON and Markdown")
+@reports_errors("interrupted; no baseline was changed")
 def regress_cmd(model_names: tuple[str, ...], target_name: str, baselines: Path, artifacts: Path | None, update: bool,
                 threads: int, max_seconds: float, out: Path) -> None:
     """Compare the models' latency with the baselines recorded on this machine; fail if one got slower.
@@ -400,15 +403,10 @@ def regress_cmd(model_names: tuple[str, ...], target_name: str, baselines: Path,
     from .regress import regress, verdict_error
     from .report import kernel_diff_table, regress_table, write_regress_report
 
-    try:
-        comparisons, data, path = regress(list(model_names), target_name, root=baselines, artifacts=artifacts,
-                                          update=update, threads=threads, budget=Budget(max_seconds=max_seconds),
-                                          listener=StageProgress())
-        paths = write_regress_report(comparisons, data, path, out)
-    except PipelineError as e:
-        _fail(str(e), e.exit_code)
-    except KeyboardInterrupt:
-        _fail("interrupted; no baseline was changed", 130)
+    comparisons, data, path = regress(list(model_names), target_name, root=baselines, artifacts=artifacts,
+                                      update=update, threads=threads, budget=Budget(max_seconds=max_seconds),
+                                      listener=StageProgress())
+    paths = write_regress_report(comparisons, data, path, out)
     _print_table(regress_table(comparisons, data["target"]))
     for c in comparisons:
         if c.verdict.status == "slower":
@@ -419,7 +417,7 @@ def regress_cmd(model_names: tuple[str, ...], target_name: str, baselines: Path,
         stdout.print(f"recorded {recorded} baseline(s) in {path}", highlight=False, soft_wrap=True)
     error = verdict_error(comparisons, data["target"])
     if error is not None:
-        _fail(str(error), error.exit_code)
+        raise error
     if not update:
         stdout.print(f"{len(comparisons)} model(s) within {data['tolerance']:.0%} of their baselines in {path}",
                      highlight=False, soft_wrap=True)
@@ -447,6 +445,6 @@ def list_models_cmd(pattern: str, as_json: bool) -> None:
 def list_targets_cmd() -> None:
     """List the targets and the TVM target each one compiles for."""
     table = Table(Column("target", no_wrap=True), "aliases", "description", "tvm target")
-    for spec in targets.list_targets():
-        table.add_row(spec.name, ", ".join(spec.aliases), spec.description, json.dumps(spec.tvm_target))
+    for target in targets.list_targets():
+        table.add_row(target.name, ", ".join(target.aliases), target.description, json.dumps(target.tvm_target))
     stdout.print(table)

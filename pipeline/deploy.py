@@ -21,20 +21,20 @@ import json
 import re
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from . import runtime
 from .bundle import open_artifact, stem
-from .cross_link import elf_machine
-from .errors import OutputCheck, PipelineError, VerificationFailed
+from .errors import BadInput, PipelineError
+from .spec import Board
+from .toolchain import elf
 
 if TYPE_CHECKING:
     from tvm.rpc import RPCSession
 
 DEFAULT_TIMEOUT_S = 60.0
-ELF_ARCH = {62: "x86_64", 183: "aarch64"}  # ELF e_machine -> the architecture as LLVM triples spell it
 TRIPLE_ARCH = {"arm64": "aarch64"}  # other spellings of the same architecture in triples
 SERVER_HINT = "on the board: python3 -m tvm.exec.rpc_server --host ADDR --port PORT (ADDR: a trusted interface)"
 
@@ -47,23 +47,8 @@ class DeployTimeout(DeployError):
     """The board (or tracker) did not answer within the timeout."""
 
 
-class TargetMismatch(DeployError):
+class TargetMismatch(DeployError, BadInput):
     """The artifact was built for another kind of board."""
-
-    exit_code = 2
-
-
-@dataclass(frozen=True)
-class Board:
-    """An RPC server at host:port, or, with ``tracker_key``, the server a tracker at host:port assigns."""
-
-    host: str
-    port: int
-    tracker_key: str | None = None
-
-    def __str__(self) -> str:
-        where = f"{self.host}:{self.port}"
-        return where if self.tracker_key is None else f"key {self.tracker_key!r} via tracker {where}"
 
 
 def _reason(error: BaseException) -> str:
@@ -122,8 +107,7 @@ def board_arch(remote: RPCSession) -> str | None:
 
 def check_board(remote: RPCSession, board: Board, directory: Path, manifest: dict, timeout: float) -> str | None:
     """Refuse an artifact the board cannot run, where the session can tell; return the board's arch if known."""
-    machine = elf_machine(directory / runtime.LIBRARY)
-    lib_arch = ELF_ARCH.get(machine, f"ELF machine {machine}")
+    lib_arch = elf.arch_name(elf.machine(directory / runtime.LIBRARY))
     target, device = manifest["target"]["name"], manifest["target"]["device"]
     with remote_step("asking the board what it runs", board, timeout):
         arch = board_arch(remote)
@@ -161,7 +145,7 @@ def run_on_board(remote: RPCSession, board: Board, directory: Path, manifest: di
         except RuntimeError as e:
             if arch is not None:
                 raise
-            lib_arch = ELF_ARCH.get(elf_machine(directory / runtime.LIBRARY), "other")
+            lib_arch = elf.arch_name(elf.machine(directory / runtime.LIBRARY))
             raise TargetMismatch(f"the board cannot load this {lib_arch} library ({_reason(e)}); its CPU is probably "
                                  f"not {lib_arch}: compile for the board's target (python -m pipeline list-targets)") from None
         dev = remote.device(manifest["target"]["device"])
@@ -170,10 +154,7 @@ def run_on_board(remote: RPCSession, board: Board, directory: Path, manifest: di
         args = runtime.to_device([*inputs.values(), *params.values()], dev)
     with step("first_run", "running the model"):
         outputs = runtime.run_vm(vm, args, tuple(reference))
-    checks = [OutputCheck(**check) for check in runtime.check_outputs(outputs, reference, manifest)]
-    failures = [c for c in checks if not c.passed]
-    if failures:
-        raise VerificationFailed(failures)
+    checks = runtime.require_outputs_match(outputs, reference, manifest)
     # The board is busy for about (warmup + repeat) runs here; the timeout bounds the silence beyond that.
     with step("timing", f"timing {repeat} runs", timeout + 2 * (warmup + repeat) * seconds["first_run"]):
         latency = runtime.latency_stats(runtime.time_vm(vm, dev, args, warmup, repeat))

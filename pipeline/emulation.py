@@ -1,8 +1,7 @@
 """Run a compiled aarch64 library on this x86 host: `pipeline.runtime.run_library` inside an aarch64
 CPython 3.11 under qemu-user, with the aarch64 TVM runtime wheel.
 
-``scripts/setup_aarch64_runtime.sh`` prepares the emulator (one directory, default
-``~/.cache/pipeline/aarch64``, env ``PIPELINE_AARCH64_ROOT``). Arrays cross over as ``.npz`` files
+``scripts/setup_aarch64_runtime.sh`` prepares the emulator (one directory, ``pipeline.paths.aarch64_root()``). Arrays cross over as ``.npz`` files
 in a temporary directory; the emulated side imports only numpy, the TVM runtime and
 ``pipeline.runtime`` (found through PYTHONPATH = this repository). Results are an emulation
 (correctness), not timings of a board.
@@ -23,12 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .cross_link import EM_AARCH64, elf_machine
+from . import paths
 from .errors import PipelineError
+from .runtime import THREADS_ENV
+from .toolchain import elf
 
 log = logging.getLogger(__name__)
 
-SETUP_SCRIPT = "scripts/setup_aarch64_runtime.sh"
 DEFAULT_TIMEOUT_S = 300.0  # import ~2-4 s (runtime-only TVM), then the emulated model run
 _REPO = Path(__file__).resolve().parent.parent  # the directory that holds the `pipeline` package
 
@@ -62,10 +62,6 @@ class EmulationError(PipelineError):
     """The emulated run failed or timed out."""
 
 
-def default_root() -> Path:
-    return Path(os.environ.get("PIPELINE_AARCH64_ROOT") or Path.home() / ".cache" / "pipeline" / "aarch64").expanduser()
-
-
 @dataclass(frozen=True)
 class Emulator:
     qemu: Path
@@ -95,7 +91,7 @@ class Emulator:
             "PYTHONSAFEPATH": "1",
             "PYTHONDONTWRITEBYTECODE": "1",  # never write (aarch64-side) bytecode into the repository
             "OPENBLAS_NUM_THREADS": "1",
-            "TVM_NUM_THREADS": os.environ.get("TVM_NUM_THREADS", "1"),  # a shared host: one core unless asked
+            THREADS_ENV: os.environ.get(THREADS_ENV, "1"),  # a shared host: one core unless asked
         }
         if self.runtime_only:
             env["TVM_USE_RUNTIME_LIB"] = "1"
@@ -104,8 +100,8 @@ class Emulator:
 
 def find_emulator(root: Path | str | None = None) -> Emulator:
     """The emulator prepared by the setup script under ``root``; EmulatorUnavailable says what is missing."""
-    root = Path(root).expanduser() if root is not None else default_root()
-    hint = f"run {SETUP_SCRIPT} as root (it installs into PIPELINE_AARCH64_ROOT={root})"
+    root = Path(root).expanduser() if root is not None else paths.aarch64_root()
+    hint = f"run {paths.SETUP_SCRIPT} as root (it installs into {paths.AARCH64_ENV}={root})"
     try:
         recorded = json.loads((root / "runtime.json").read_text())
     except (OSError, ValueError):
@@ -122,15 +118,6 @@ def find_emulator(root: Path | str | None = None) -> Emulator:
     return emu
 
 
-def emulator_available(root: Path | str | None = None) -> bool:
-    """True when the setup script's result is in place (cheap: checks files, runs nothing)."""
-    try:
-        find_emulator(root)
-    except EmulatorUnavailable:
-        return False
-    return True
-
-
 def _save(path: Path, arrays: list[np.ndarray]) -> None:
     np.savez(path, *[np.asarray(a) for a in arrays])  # not ascontiguousarray: it turns 0-d into 1-d
 
@@ -141,18 +128,18 @@ def run_library_emulated(lib_path: Path | str, params: dict[str, np.ndarray], in
                          ) -> dict[str, np.ndarray]:
     """`pipeline.runtime.run_library(lib_path, "cpu", params, inputs, output_names)` on emulated aarch64.
 
-    ``lib_path`` must be an aarch64 ELF shared object (e.g. exported with
-    ``pipeline.cross_link.aarch64_linker()``). ``timings``, when given, receives ``import_s``
+    ``lib_path`` must be an aarch64 ELF shared object (exported with
+    ``pipeline.toolchain.cross_link.cross_linker("aarch64-linux-gnu")``). ``timings``, when given, receives ``import_s``
     (emulated start-up + imports), ``run_s`` (load + one run) and ``total_s``.
     Raises EmulatorUnavailable (not set up) or EmulationError (the run failed or exceeded ``timeout``).
     """
     lib_path = Path(lib_path).resolve()
     try:
-        machine = elf_machine(lib_path)
+        machine = elf.machine(lib_path)
     except (OSError, ValueError) as e:
         raise EmulationError(f"cannot run {lib_path}: {e}") from e
-    if machine != EM_AARCH64:
-        raise EmulationError(f"{lib_path} is not an aarch64 library (ELF e_machine {machine}, want {EM_AARCH64})")
+    if machine != elf.EM_AARCH64:
+        raise EmulationError(f"{lib_path} is not an aarch64 library (ELF e_machine {machine}, want {elf.EM_AARCH64})")
     emu = find_emulator(root)
     output_names = tuple(output_names)
     start = time.perf_counter()

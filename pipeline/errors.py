@@ -1,34 +1,36 @@
-"""Typed errors. Each one is a user-facing, one-line message that says what to do next."""
+"""Typed errors: each a user-facing, one-line message that says what to do next.
+
+The exit-code tree is the class tree (README, "Errors"): every error subclasses one of
+
+    PipelineError       1  a failure of another kind
+      BadInput          2  a name, option, file, bundle or board that cannot be used
+      NumericsFailed    3  outputs differ from the reference (or the check could prove nothing)
+      SlowerThanBaseline 4 a model is slower than its latency baseline
+      NotJudged         5  latency not judged (machine too busy; rerun)
+
+(130, interrupted, is the CLI's). The tree is defined in pipeline.runtime, which ships alone as a bundle's
+run.py; the errors below are the compile's, each other one lives next to the code that raises it.
+"""
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+from .runtime import (BadInput, BundleError, NotJudged, NumericsFailed, PipelineError,  # noqa: F401 - re-exported
+                      RuntimeUnavailable, SlowerThanBaseline, VerificationFailed)
 
 
-class PipelineError(Exception):
-    """Base of every error the CLI reports as one line and a non-zero exit."""
-
-    exit_code = 1
+class UnknownModel(BadInput):
+    pass
 
 
-class UnknownModel(PipelineError):
-    exit_code = 2
+class UnknownTarget(BadInput):
+    pass
 
 
-class UnknownTarget(PipelineError):
-    exit_code = 2
-
-
-class WeightsError(PipelineError):
+class WeightsError(BadInput):
     """A checkpoint that cannot be read or does not fit the model."""
 
-    exit_code = 2
 
-
-class OutputDirError(PipelineError):
+class OutputDirError(BadInput):
     """The artifact directory cannot be written."""
-
-    exit_code = 2
 
 
 class ExportError(PipelineError):
@@ -39,35 +41,5 @@ class BuildError(PipelineError):
     """TVM import, optimization or build failed."""
 
 
-@dataclass(frozen=True)
-class OutputCheck:
-    """One output compared against its reference."""
-
-    name: str  # e.g. "tvm/logits" or "onnxruntime/logits"
-    shape: tuple[int, ...]
-    max_abs: float
-    max_rel: float
-    atol: float
-    rtol: float
-    passed: bool
-
-    def describe(self) -> str:
-        from .runtime import describe  # the board-side runner prints checks the same way
-
-        return describe(dataclasses.asdict(self))
-
-
-class VerificationFailed(PipelineError):
-    """Some outputs differ from the PyTorch reference beyond tolerance; lists every failure."""
-
-    exit_code = 3
-
-    def __init__(self, failures: list[OutputCheck]):
-        self.failures = failures
-        super().__init__("numerics check failed: " + "; ".join(f.describe() for f in failures))
-
-
-class DegenerateReference(PipelineError):
+class DegenerateReference(NumericsFailed):
     """The reference outputs do not vary, so comparing against them would prove nothing."""
-
-    exit_code = 3

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .bench import Budget, bench_artifact, configure_threads, device_fingerprint, ensure_artifact
-from .errors import PipelineError
+from .errors import BadInput, NotJudged, SlowerThanBaseline
 from .run import StageListener
 from .spec import BuildSpec
 
@@ -40,22 +40,16 @@ DEFAULT_MACHINE_TOLERANCE = 0.5
 DEFAULT_THREADS = 1
 
 
-class NoBaseline(PipelineError):
+class NoBaseline(BadInput):
     """No baseline for this machine, target or model: comparing another machine's would be meaningless."""
 
-    exit_code = 2
 
-
-class LatencyRegression(PipelineError):
+class LatencyRegression(SlowerThanBaseline):
     """At least one model is slower than its baseline beyond the tolerance."""
 
-    exit_code = 4
 
-
-class Inconclusive(PipelineError):
+class Inconclusive(NotJudged):
     """No model is slower, but some could not be judged (the machine was busy, or the measurement too noisy)."""
-
-    exit_code = 5
 
 
 @dataclass(frozen=True)
@@ -236,7 +230,7 @@ def regress(models: list[str] | None, target: str, *, root: Path, artifacts: Pat
     return comparisons, data, path
 
 
-def verdict_error(comparisons: list[Comparison], target: str) -> PipelineError | None:
+def verdict_error(comparisons: list[Comparison], target: str) -> LatencyRegression | Inconclusive | None:
     """The error a run ends with: LatencyRegression if any model is slower, else Inconclusive if any was not judged."""
     slower = [describe(c) for c in comparisons if c.verdict.status == "slower"]
     if slower:

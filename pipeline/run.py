@@ -1,4 +1,9 @@
-"""The compile driver: the one place that lists the stages, in order."""
+"""The compile driver: the one place that lists the stages, in order.
+
+:func:`front_end` runs the stages from the PyTorch model to the imported Relax module; the tuner
+(pipeline.tune) calls it too, so that it tunes exactly what a compile builds. :func:`compile_model` runs it and
+then the rest: optimize, build, verify, package. Each stage is a plain function in pipeline/stages/.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -11,9 +16,10 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-import targets
-from .errors import OutputDirError, UnknownTarget
-from .spec import BuildSpec
+from dataclasses import dataclass
+
+from .errors import OutputDirError
+from .spec import BuildSpec, resolve_target
 
 # Called with (stage, None) when a stage starts and (stage, seconds) when it ends.
 StageListener = Callable[[str, float | None], None]
@@ -96,44 +102,69 @@ def _timed(stage: str, timings: dict[str, float], listener: StageListener, inter
     listener(stage, timings[stage])
 
 
-def compile_model(spec: BuildSpec, out: Path | None = None, listener: StageListener = lambda *_: None) -> tuple[Path, dict]:
-    """Run every stage for ``spec``; return the artifact directory and its manifest."""
-    # Heavy imports here, so `list-models` and `--help` stay fast.
-    from .stages.build import build
+Stage = Callable[[str], contextlib.AbstractContextManager]  # `with stage(name):` times one stage
+
+
+@dataclass
+class FrontEnd:
+    """What the stages up to the Relax import produce (the ONNX files are in the work directory)."""
+
+    model: object  # the torch module
+    cfg: object  # its models.ModelCfg
+    weights: dict  # where its weights came from (the manifest's model.weights)
+    inputs: dict  # reference inputs
+    reference: dict  # PyTorch's outputs on them
+    mod: object  # the imported Relax module
+    params: dict  # its weights, as main's parameters after the inputs
+
+
+def front_end(spec: BuildSpec, work: Path, stage: Stage) -> FrontEnd:
+    """PyTorch model -> reference -> ONNX -> simplified ONNX -> Relax, writing model.onnx and model.sim.onnx to
+    ``work``. Heavy imports here, so `list-models` and `--help` stay fast."""
     from .stages.export import export_onnx
     from .stages.model import load_model
-    from .stages.optimize import optimize
-    from .stages.package import write_artifact
     from .stages.reference import INPUT_NAME, OUTPUT_NAMES, make_inputs, run_torch
     from .stages.relax_import import import_onnx
     from .stages.simplify import simplify_onnx
+
+    with stage("load model"):
+        model, cfg, weights = load_model(spec.model, spec.weights, spec.seed)
+    with stage("reference"):
+        inputs = make_inputs(cfg, spec.batch, spec.seed)
+        reference = run_torch(model, inputs)
+    with stage("export onnx"):
+        export_onnx(model, inputs, OUTPUT_NAMES, cfg.opset, work / "model.onnx")
+    with stage("simplify"):
+        simplify_onnx(work / "model.onnx", work / "model.sim.onnx")
+    with stage("import relax"):
+        mod, params = import_onnx(work / "model.sim.onnx", {INPUT_NAME: inputs[INPUT_NAME].shape})
+    return FrontEnd(model, cfg, weights, inputs, reference, mod, params)
+
+
+def untimed(_name: str) -> contextlib.AbstractContextManager:
+    """A Stage that only runs the stage: for callers that show no progress (the tuner)."""
+    return contextlib.nullcontext()
+
+
+def compile_model(spec: BuildSpec, out: Path | None = None, listener: StageListener = lambda *_: None) -> tuple[Path, dict]:
+    """Run every stage for ``spec``; return the artifact directory and its manifest."""
+    from .stages.build import build
+    from .stages.optimize import optimize
+    from .stages.package import write_artifact
+    from .stages.reference import OUTPUT_NAMES
     from .stages.verify import run_compiled_library, run_onnxruntime, verify
 
-    try:
-        target = targets.get_target(spec.target)
-    except targets.UnknownTargetError as e:
-        raise UnknownTarget(str(e)) from None
-    if spec.cuda_arch is not None:
-        target = target.with_cuda_arch(spec.cuda_arch)
+    target = resolve_target(spec)  # bad --target / --cuda-arch: refused before any work
     out = out or default_out_dir(spec)
     timings: dict[str, float] = {}
     interrupts = _Interrupts()
     stage = lambda name: _timed(name, timings, listener, interrupts)  # noqa: E731
 
     with interrupts.watch(), staging_dir(out) as work:
-        with stage("load model"):
-            model, cfg, weights = load_model(spec.model, spec.weights, spec.seed)
-        with stage("reference"):
-            inputs = make_inputs(cfg, spec.batch, spec.seed)
-            reference = run_torch(model, inputs)
-        with stage("export onnx"):
-            export_onnx(model, inputs, OUTPUT_NAMES, cfg.opset, work / "model.onnx")
-        with stage("simplify"):
-            simplify_onnx(work / "model.onnx", work / "model.sim.onnx")
-        with stage("import relax"):
-            mod, params = import_onnx(work / "model.sim.onnx", {INPUT_NAME: inputs[INPUT_NAME].shape})
+        front = front_end(spec, work, stage)
+        cfg, inputs, reference = front.cfg, front.inputs, front.reference
         with stage("optimize"):
-            mod, params, passes = optimize(mod, params, target, spec.fp16)
+            mod, params, passes = optimize(front.mod, front.params, target, spec.fp16)
         with stage("build"):
             build_report = build(mod, target, work / "lib.so")
         with stage("verify"):
@@ -145,7 +176,7 @@ def compile_model(spec: BuildSpec, out: Path | None = None, listener: StageListe
             library_tolerance = (cfg.fp16_atol, cfg.fp16_rtol) if spec.fp16 else fp32
             checks = verify(reference, candidates, {"onnxruntime": fp32, "tvm": library_tolerance})
         with stage("package"):
-            manifest = write_artifact(work, model_name=spec.model, cfg=cfg, batch=spec.batch, weights=weights,
+            manifest = write_artifact(work, model_name=spec.model, cfg=cfg, batch=spec.batch, weights=front.weights,
                                       target=target, inputs=inputs, reference=reference, params=params,
                                       checks=checks, tolerance=library_tolerance, library_run=library_run, passes=passes,
                                       build_report=build_report, timings=timings)

@@ -26,6 +26,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -44,19 +45,72 @@ RUN_FILES = (LIBRARY, "params.npz", "inputs.npz", "outputs.npz")
 PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]*\Z")  # one path component: no "/", no "..", no dotfile
 
 
-class BundleError(Exception):
+# ---------------------------------------------------------------------------------------------------------------
+# Errors and exit codes: the project's whole tree. It is defined here because this file ships alone as a bundle's
+# run.py; pipeline.errors re-exports it, and every other error subclasses one of these five.
+
+
+class PipelineError(Exception):
+    """Base of every error reported as one line and a non-zero exit (1: a failure of another kind)."""
+
+    exit_code = 1
+
+
+class BadInput(PipelineError):
+    """What the user gave cannot be used: a name, an option, a file, a bundle, a board of another kind."""
+
+    exit_code = 2
+
+
+class NumericsFailed(PipelineError):
+    """Outputs differ from the reference, or the check could prove nothing."""
+
+    exit_code = 3
+
+
+class SlowerThanBaseline(PipelineError):
+    """A model is slower than its latency baseline."""
+
+    exit_code = 4
+
+
+class NotJudged(PipelineError):
+    """A latency could not be judged (the machine was too busy); rerun."""
+
+    exit_code = 5
+
+
+class BundleError(BadInput):
     """A bundle or artifact directory that is malformed, unsafe or fails its hash check."""
 
 
-class RuntimeUnavailable(RuntimeError):
+class RuntimeUnavailable(PipelineError):
     """This TVM runtime cannot run the library here (no TVM, no device support, or no device)."""
 
 
-class OutputsDiffer(Exception):
-    """The library's outputs differ from the reference outputs beyond the manifest's tolerances."""
+@dataclass(frozen=True)
+class OutputCheck:
+    """One output compared against its reference (the allclose rule, see :func:`compare`)."""
+
+    name: str  # e.g. "tvm/logits", or "logits" on a board
+    shape: tuple[int, ...]
+    max_abs: float
+    max_rel: float
+    atol: float
+    rtol: float
+    passed: bool
+
+    def describe(self) -> str:
+        return (f"{self.name}: max_abs {self.max_abs:.3g}, max_rel {self.max_rel:.3g} "
+                f"(atol {self.atol:g}, rtol {self.rtol:g}) {'ok' if self.passed else 'FAILED'}")
 
 
-EXIT_CODES = {RuntimeUnavailable: 1, BundleError: 2, OutputsDiffer: 3}
+class VerificationFailed(NumericsFailed):
+    """Some outputs differ from the reference beyond tolerance; lists every failure."""
+
+    def __init__(self, failures: list[OutputCheck], summary: str = "numerics check failed"):
+        self.failures = failures
+        super().__init__(f"{summary}: " + "; ".join(f.describe() for f in failures))
 
 
 def sha256_file(path: Path) -> str:
@@ -161,33 +215,46 @@ def tolerances(manifest: dict) -> dict[str, tuple[float, float]]:
     return {output["name"]: (tolerance["atol"], tolerance["rtol"]) for output in manifest["outputs"]}
 
 
-def compare(name: str, actual: np.ndarray, expected: np.ndarray, atol: float, rtol: float) -> dict:
+def compare(name: str, actual: np.ndarray, expected: np.ndarray, atol: float, rtol: float) -> OutputCheck:
     """Pass iff |actual - expected| <= atol + rtol * |expected| everywhere (numpy.allclose) and all finite.
 
-    max_rel divides by max(|expected|, atol) so near-zero references do not blow it up. Returns the
-    fields of pipeline.errors.OutputCheck.
+    The one rule of the project: the compile's verify stage, bench, deploy and a board's run.py apply it alike.
+    max_rel divides by max(|expected|, atol) so near-zero references do not blow it up.
     """
     if actual.shape != expected.shape:
-        return {"name": name, "shape": tuple(actual.shape), "max_abs": float("inf"), "max_rel": float("inf"),
-                "atol": atol, "rtol": rtol, "passed": False}
+        return OutputCheck(name, tuple(actual.shape), float("inf"), float("inf"), atol, rtol, False)
     diff = np.abs(actual.astype(np.float64) - expected.astype(np.float64))
     magnitude = np.abs(expected.astype(np.float64))
     passed = bool(np.all(diff <= atol + rtol * magnitude)) and bool(np.all(np.isfinite(actual)))
     max_abs = float(np.max(diff)) if diff.size else 0.0
     max_rel = float(np.max(diff / np.maximum(magnitude, atol))) if diff.size else 0.0
-    return {"name": name, "shape": tuple(expected.shape), "max_abs": max_abs, "max_rel": max_rel,
-            "atol": atol, "rtol": rtol, "passed": passed}
+    return OutputCheck(name, tuple(expected.shape), max_abs, max_rel, atol, rtol, passed)
 
 
-def check_outputs(outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray], manifest: dict) -> list[dict]:
-    """Compare every reference output with the library's, at the manifest's tolerances."""
+def check_outputs(outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray], manifest: dict,
+                  prefix: str = "") -> list[OutputCheck]:
+    """Compare every reference output with the library's, at the manifest's tolerances (names: ``prefix + name``)."""
     limits = tolerances(manifest)
-    return [compare(name, outputs.get(name, np.empty(0)), expected, *limits[name]) for name, expected in reference.items()]
+    return [compare(prefix + name, outputs.get(name, np.empty(0)), expected, *limits[name])
+            for name, expected in reference.items()]
 
 
-def describe(check: dict) -> str:
-    return (f"{check['name']}: max_abs {check['max_abs']:.3g}, max_rel {check['max_rel']:.3g} "
-            f"(atol {check['atol']:g}, rtol {check['rtol']:g}) {'ok' if check['passed'] else 'FAILED'}")
+def require_outputs_match(outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray], manifest: dict,
+                          prefix: str = "", summary: str = "numerics check failed") -> list[OutputCheck]:
+    """:func:`check_outputs`, raising one VerificationFailed that lists every failing output."""
+    checks = check_outputs(outputs, reference, manifest, prefix)
+    failures = [c for c in checks if not c.passed]
+    if failures:
+        raise VerificationFailed(failures, summary)
+    return checks
+
+
+THREADS_ENV = "TVM_NUM_THREADS"  # read once, when TVM's thread pool starts (at a process's first parallel run)
+
+
+def use_threads(threads: int) -> None:
+    """Size TVM's thread pool in this process (before its first run): left alone, TVM takes half the CPUs on x86."""
+    os.environ[THREADS_ENV] = str(threads)
 
 
 def _load_device_runtime(device: str) -> None:
@@ -287,7 +354,7 @@ def target_cores(manifest: dict) -> int | None:
 
 
 def run_bundle(directory: Path, warmup: int, repeat: int) -> dict:
-    """Check, run, compare and time the artifact in ``directory``; OutputsDiffer if the outputs are wrong.
+    """Check, run, compare and time the artifact in ``directory``; VerificationFailed if the outputs are wrong.
 
     TVM's thread pool gets the cores the library was compiled for, unless TVM_NUM_THREADS says otherwise:
     left alone, TVM takes half the CPUs on x86 (it assumes two hyperthreads per core), 1 on a 2-vCPU host.
@@ -299,17 +366,15 @@ def run_bundle(directory: Path, warmup: int, repeat: int) -> dict:
     params, inputs, reference = load_arrays(directory, manifest)
     vm, dev = load_vm(Path(directory) / LIBRARY, manifest["target"]["device"])
     args = to_device([*inputs.values(), *params.values()], dev)
-    cores, unset = target_cores(manifest), "TVM_NUM_THREADS" not in os.environ
+    cores, unset = target_cores(manifest), THREADS_ENV not in os.environ
     if cores and unset:
-        os.environ["TVM_NUM_THREADS"] = str(cores)  # read when the pool starts, at the first run below
+        use_threads(cores)  # read when the pool starts, at the first run below
     try:
-        checks = check_outputs(run_vm(vm, args, tuple(reference)), reference, manifest)
+        checks = require_outputs_match(run_vm(vm, args, tuple(reference)), reference, manifest,
+                                       summary="outputs differ from the reference")
     finally:
         if cores and unset:
-            del os.environ["TVM_NUM_THREADS"]
-    failed = [describe(c) for c in checks if not c["passed"]]
-    if failed:
-        raise OutputsDiffer("outputs differ from the reference: " + "; ".join(failed))
+            del os.environ[THREADS_ENV]
     return {"manifest": manifest, "checks": checks, "latency": latency_stats(time_vm(vm, dev, args, warmup, repeat)),
             "threads": tvm.get_global_func("runtime.NumThreads")()}
 
@@ -328,14 +393,14 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="pipeline-bundle-") as tmp:
             directory = args.bundle if args.bundle.is_dir() else extract_bundle(args.bundle, Path(tmp))
             report = run_bundle(directory, args.warmup, args.repeat)
-    except tuple(EXIT_CODES) as e:
+    except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_CODES[type(e)]
+        return e.exit_code
     manifest, latency = report["manifest"], report["latency"]
     print(f"{manifest['model']['name']} for {manifest['target']['name']} (build {manifest['build_id'][:16]}): "
           f"files match the manifest")
     for check in report["checks"]:
-        print(describe(check))
+        print(check.describe())
     print(f"latency: median {latency['median_ms']:.3f} ms, p90 {latency['p90_ms']:.3f} ms over {latency['runs']} runs "
           f"after {args.warmup} warm-up, on {manifest['target']['device']}, {report['threads']} CPU thread(s) "
           f"({time.perf_counter() - start:.1f} s in all)")

@@ -1,4 +1,5 @@
-"""What a compile is asked to do, and the canonical hashing used by manifests."""
+"""What a command is asked to do: the build (BuildSpec, resolved to its target), the board it talks to, and the
+canonical hashing used by manifests."""
 from __future__ import annotations
 
 import hashlib
@@ -6,7 +7,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .runtime import MANIFEST_SCHEMA, sha256_file  # noqa: F401 - the runtime's, so a board hashes alike
+import targets
+from .errors import BadInput, UnknownTarget
+from .toolchain.cuda_toolchains import arch_problem, get_toolchain
 
 
 @dataclass(frozen=True)
@@ -20,10 +23,44 @@ class BuildSpec:
     fp16: bool = False  # compute in float16 (inputs, outputs and params stay float32 at the boundary)
 
 
+class BadCudaArch(BadInput):
+    """--cuda-arch for a target without a choice of GPU, or an arch its toolchain cannot compile for."""
+
+
+def resolve_target(spec: BuildSpec) -> targets.TargetSpec:
+    """The target ``spec`` builds for, its ``--cuda-arch`` applied and checked before any work is done."""
+    try:
+        target = targets.get_target(spec.target)
+    except targets.UnknownTargetError as e:
+        raise UnknownTarget(str(e)) from None
+    if spec.cuda_arch is None:
+        return target
+    try:
+        target = target.with_cuda_arch(spec.cuda_arch)
+    except ValueError as e:
+        raise BadCudaArch(str(e)) from None
+    problem = arch_problem(target.cuda.arch, get_toolchain(target.cuda.toolchain))
+    if problem:
+        raise BadCudaArch(f"--cuda-arch: {problem}")
+    return target
+
+
+@dataclass(frozen=True)
+class Board:
+    """A TVM RPC server at host:port, or, with ``tracker_key``, the server a tracker at host:port assigns."""
+
+    host: str
+    port: int
+    tracker_key: str | None = None
+
+    def __str__(self) -> str:
+        where = f"{self.host}:{self.port}"
+        return where if self.tracker_key is None else f"key {self.tracker_key!r} via tracker {where}"
+
+
 def canonical_json(obj) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-

@@ -2,7 +2,7 @@
 # Prepare this x86_64 Debian host to link aarch64 TVM libraries and run them under qemu-user.
 #
 # Idempotent, non-interactive, needs root (apt). Everything it builds lives under one directory:
-#   ${PIPELINE_AARCH64_ROOT:-~/.cache/pipeline/aarch64}/
+#   pipeline.paths.aarch64_root(): $PIPELINE_AARCH64_ROOT, else ${PIPELINE_CACHE_DIR:-~/.cache/pipeline}/aarch64
 #     sysroot/      Debian bookworm arm64 userland: python3.11 + the C/C++ libraries it and TVM need
 #                   (arm64 .debs fetched by a private apt state, unpacked with `dpkg -x`; nothing is
 #                   installed into the host's dpkg database and the host's apt architectures are untouched)
@@ -13,21 +13,27 @@
 #     runtime.json  what pipeline/emulation.py reads: qemu binary, sysroot, python, site dir
 # On the host it installs Debian's qemu-user-static (binfmt is NOT registered: qemu is invoked
 # explicitly) and the pip package `ziglang` into the current Python (the aarch64 linker used by
-# pipeline/cross_link.py), then links one throw-away library so zig's libc stubs are built and
-# cached once, in ~/.cache/pipeline/zig (override: PIPELINE_ZIG_CACHE_DIR).
+# pipeline/toolchain/cross_link.py), then links one throw-away library so zig's libc stubs are built and
+# cached once, in pipeline.paths.zig_cache_dir() (PIPELINE_ZIG_CACHE_DIR, else $PIPELINE_CACHE_DIR/zig).
 #
 # Env: PIPELINE_AARCH64_ROOT, PYTHON (host python; default `python`), DEBIAN_MIRROR,
 #      DEBIAN_SECURITY_MIRROR, PIPELINE_AARCH64_FULL_TVM=1, PIPELINE_AARCH64_SKIP_LINKER=1.
 set -euo pipefail
 
-ROOT="${PIPELINE_AARCH64_ROOT:-$HOME/.cache/pipeline/aarch64}"
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-$(command -v python || command -v python3)}"
+# Where things live (pipeline/paths.py) and the versions (pyproject.toml) are each said once, and read from there.
+ROOT="$(cd "$REPO" && "$PY" -c 'from pipeline import paths; print(paths.aarch64_root())')"
+pin() {  # the requirement pyproject.toml gives a package, e.g. apache-tvm==0.27.0.post1
+    "$PY" -c 'import re, sys, tomllib
+deps = tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]
+print(next(d for d in deps if re.split(r"[<>=!~ ;\[]", d)[0] == sys.argv[2]))' "$REPO/pyproject.toml" "$1"
+}
 SUITE=bookworm  # fixed: its python3.11 matches the cp311 wheels, whatever the host's release
-TVM_SPEC="apache-tvm==0.27.0.post1"
-TVM_FFI_SPEC="apache-tvm-ffi==0.1.14.post0"   # 0.1.15.x segfaults MetaSchedule; keep the project's pin
+TVM_SPEC="$(pin apache-tvm)"
+TVM_FFI_SPEC="$(pin apache-tvm-ffi)"
 NUMPY_SPEC="numpy>=1.26,<3"
-ZIG_SPEC="ziglang==0.17.1"
+ZIG_SPEC="$(pin ziglang)"
 # arm64 packages whose dependency closure forms the userland (apt resolves the closure).
 ARM_PACKAGES=(python3.11-minimal libpython3.11-stdlib libstdc++6)
 FULL_TVM="${PIPELINE_AARCH64_FULL_TVM:-0}"
@@ -162,7 +168,7 @@ if [[ "${PIPELINE_AARCH64_SKIP_LINKER:-0}" != 1 ]]; then
         log "pip installed $ZIG_SPEC into $PY ($(elapsed "$T"))"
     fi
     T=$EPOCHREALTIME
-    (cd "$REPO" && PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m pipeline.cross_link --warm-up) | sed 's/^/[setup-aarch64] /'
+    (cd "$REPO" && PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m pipeline.toolchain.cross_link --warm-up) | sed 's/^/[setup-aarch64] /'
     log "linker warm-up: $(elapsed "$T")"
 fi
 

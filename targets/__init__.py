@@ -14,12 +14,20 @@ from pathlib import Path
 @dataclass(frozen=True)
 class CudaSpec:
     arch: str  # e.g. "sm_87"
-    toolchain: str  # a key of pipeline.cuda_aot.TOOLCHAINS: the board's CUDA major decides it
-    supported: str  # which driver / JetPack the device code is built for (shown to users)
+    # A key of pipeline.toolchain.cuda_toolchains.TOOLCHAINS (which says the driver its cubins need): the
+    # board's CUDA major decides it.
+    toolchain: str
+    jetpack: str | None = None  # the Jetson software release that brings that driver, where the target is a Jetson
     # Per-block limits every compiled kernel is checked against.
     max_threads_per_block: int = 1024
     max_shared_bytes: int = 48 * 1024
     max_registers_per_thread: int = 255
+
+    def tvm_target(self) -> dict:
+        """A TVM CUDA target for this GPU, its limits the ones every kernel is checked against."""
+        return {"kind": "cuda", "arch": self.arch, "max_threads_per_block": self.max_threads_per_block,
+                "max_num_threads": self.max_threads_per_block, "max_shared_memory_per_block": self.max_shared_bytes,
+                "thread_warp_size": 32}
 
 
 @dataclass(frozen=True)
@@ -36,10 +44,13 @@ class TargetSpec:
 
     def with_cuda_arch(self, arch: str) -> "TargetSpec":
         """The same target for another GPU architecture (`--cuda-arch`)."""
-        if self.cuda is None or not isinstance(self.tvm_target, dict):
-            raise ValueError(f"{self.name} has a fixed GPU architecture; --cuda-arch applies to the `cuda` target")
-        return dataclasses.replace(self, tvm_target={**self.tvm_target, "arch": arch},
-                                   cuda=dataclasses.replace(self.cuda, arch=arch))
+        if self.cuda is None:
+            raise ValueError(f"{self.name} has no GPU; --cuda-arch applies to the `cuda` target")
+        if not isinstance(self.tvm_target, dict):
+            raise ValueError(f"{self.name} has a fixed GPU architecture ({self.cuda.arch}); "
+                             "--cuda-arch applies to the `cuda` target")
+        cuda = dataclasses.replace(self.cuda, arch=arch)
+        return dataclasses.replace(self, tvm_target=cuda.tvm_target(), cuda=cuda)
 
 
 def x86_64_level(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
@@ -59,12 +70,12 @@ def x86_64_level(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
 _targets: dict[str, TargetSpec] = {}
 
 
-def register_target(spec: TargetSpec) -> TargetSpec:
-    for key in (spec.name, *spec.aliases):
+def register_target(target: TargetSpec) -> TargetSpec:
+    for key in (target.name, *target.aliases):
         if key in _targets:
             raise ValueError(f"target {key!r} registered twice")
-        _targets[key] = spec
-    return spec
+        _targets[key] = target
+    return target
 
 
 X86_HOST = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": x86_64_level(), "num-cores": os.cpu_count() or 1}
@@ -76,54 +87,49 @@ def arm_cpu(mcpu: str | None, cores: int, *features: str) -> dict:
     return target if mcpu is None else {**target, "mcpu": mcpu}
 
 
-JETPACK6 = CudaSpec(arch="sm_87", toolchain="nvrtc-12",
-                    supported="JetPack 6 (CUDA 12 driver); cubins from NVRTC 12.6")
-JETPACK5 = CudaSpec(arch="sm_72", toolchain="nvrtc-11",
-                    supported="JetPack 5 (CUDA 11.4 driver); cubins from NVRTC 11.8, CUDA 11 minor-version compatible")
+ORIN_GPU = CudaSpec(arch="sm_87", toolchain="nvrtc-12", jetpack="JetPack 6")
+XAVIER_GPU = CudaSpec(arch="sm_72", toolchain="nvrtc-11", jetpack="JetPack 5")
+GENERIC_GPU = CudaSpec(arch="sm_87", toolchain="nvrtc-12")
+ORIN_CPU = ("cortex-a78ae", "+dotprod", "+fullfp16")
+XAVIER_CPU = ("carmel", "+fullfp16")
 
-register_target(TargetSpec(
-    name="x86", aliases=("host",),
-    description="this x86-64 host (LLVM, -mcpu from its CPU flags: AVX-512 where present)",
-    tvm_target=X86_HOST, runner="host"))
-register_target(TargetSpec(
-    name="aarch64", description="generic 64-bit Arm Linux with NEON",
-    tvm_target=arm_cpu(None, 4), cross_triple=AARCH64, runner="qemu-aarch64"))
-register_target(TargetSpec(
-    name="rpi4", description="Raspberry Pi 4 (Cortex-A72, 64-bit OS)",
-    tvm_target=arm_cpu("cortex-a72", 4), cross_triple=AARCH64, runner="qemu-aarch64"))
-register_target(TargetSpec(
-    name="rpi5", description="Raspberry Pi 5 (Cortex-A76, 64-bit OS)",
-    tvm_target=arm_cpu("cortex-a76", 4, "+dotprod", "+fullfp16"), cross_triple=AARCH64, runner="qemu-aarch64"))
-register_target(TargetSpec(
-    name="jetson-orin-cpu", description="the CPU of a Jetson Orin (Cortex-A78AE), no GPU",
-    tvm_target=arm_cpu("cortex-a78ae", 6, "+dotprod", "+fullfp16"), cross_triple=AARCH64, runner="qemu-aarch64"))
-register_target(TargetSpec(
-    name="cuda", description="an NVIDIA GPU in this x86-64 host; --cuda-arch picks the arch (default sm_87)",
-    tvm_target={"kind": "cuda", "arch": "sm_87", "max_threads_per_block": 1024, "max_num_threads": 1024,
-                "max_shared_memory_per_block": 49152, "thread_warp_size": 32},
-    tvm_host=X86_HOST, device="cuda", runner="host",
-    cuda=CudaSpec(arch="sm_87", toolchain="nvrtc-12", supported="CUDA 12.x drivers (NVRTC 12.6 cubins)")))
-# TVM's Orin tags call the CPU "carmel" (Xavier's) or "cortex-a78": we name the Orin core.
-register_target(TargetSpec(
-    name="jetson-orin-nano", description="Jetson Orin Nano: Ampere sm_87 + 6x Cortex-A78AE",
-    tvm_target="nvidia/jetson-orin-nano", tvm_host=arm_cpu("cortex-a78ae", 6, "+dotprod", "+fullfp16"),
-    device="cuda", cross_triple=AARCH64, cuda=JETPACK6))
-register_target(TargetSpec(
-    name="jetson-orin-nx", description="Jetson Orin NX: Ampere sm_87 + 8x Cortex-A78AE",
-    tvm_target="nvidia/jetson-orin-nano", tvm_host=arm_cpu("cortex-a78ae", 8, "+dotprod", "+fullfp16"),
-    device="cuda", cross_triple=AARCH64, cuda=JETPACK6))
-register_target(TargetSpec(
-    name="jetson-agx-orin", description="Jetson AGX Orin: Ampere sm_87 + 12x Cortex-A78AE",
-    tvm_target="nvidia/jetson-agx-orin-64gb", tvm_host=arm_cpu("cortex-a78ae", 12, "+dotprod", "+fullfp16"),
-    device="cuda", cross_triple=AARCH64, cuda=JETPACK6))
-register_target(TargetSpec(
-    name="jetson-xavier-nx", description="Jetson Xavier NX: Volta sm_72 + 6x Carmel",
-    tvm_target="nvidia/jetson-agx-xavier", tvm_host=arm_cpu("carmel", 6, "+fullfp16"),
-    device="cuda", cross_triple=AARCH64, cuda=JETPACK5))
-register_target(TargetSpec(
-    name="jetson-agx-xavier", description="Jetson AGX Xavier: Volta sm_72 + 8x Carmel",
-    tvm_target="nvidia/jetson-agx-xavier", tvm_host=arm_cpu("carmel", 8, "+fullfp16"),
-    device="cuda", cross_triple=AARCH64, cuda=JETPACK5))
+
+def arm_board(name: str, description: str, mcpu: str | None, cores: int, *features: str) -> TargetSpec:
+    """A 64-bit Arm Linux board's CPU: cross-linked here, verified under qemu-user."""
+    return TargetSpec(name=name, description=description, tvm_target=arm_cpu(mcpu, cores, *features),
+                      cross_triple=AARCH64, runner="qemu-aarch64")
+
+
+def jetson(name: str, description: str, tag: str, gpu: CudaSpec, cores: int, cpu: tuple[str, ...]) -> TargetSpec:
+    """A Jetson: TVM's tag for the GPU, and its host CPU named here (TVM's Orin tags say "carmel", Xavier's
+    core, or "cortex-a78"; the Orin core is the Cortex-A78AE)."""
+    return TargetSpec(name=name, description=description, tvm_target=tag, tvm_host=arm_cpu(cpu[0], cores, *cpu[1:]),
+                      device="cuda", cross_triple=AARCH64, cuda=gpu)
+
+
+for _target in (
+    TargetSpec(name="x86", aliases=("host",),
+               description="this x86-64 host (LLVM, -mcpu from its CPU flags: AVX-512 where present)",
+               tvm_target=X86_HOST, runner="host"),
+    arm_board("aarch64", "generic 64-bit Arm Linux with NEON", None, 4),
+    arm_board("rpi4", "Raspberry Pi 4 (Cortex-A72, 64-bit OS)", "cortex-a72", 4),
+    arm_board("rpi5", "Raspberry Pi 5 (Cortex-A76, 64-bit OS)", "cortex-a76", 4, "+dotprod", "+fullfp16"),
+    arm_board("jetson-orin-cpu", "the CPU of a Jetson Orin (Cortex-A78AE), no GPU", ORIN_CPU[0], 6, *ORIN_CPU[1:]),
+    TargetSpec(name="cuda", description="an NVIDIA GPU in this x86-64 host; --cuda-arch picks the arch (default sm_87)",
+               tvm_target=GENERIC_GPU.tvm_target(), tvm_host=X86_HOST, device="cuda", runner="host",
+               cuda=GENERIC_GPU),
+    jetson("jetson-orin-nano", "Jetson Orin Nano: Ampere sm_87 + 6x Cortex-A78AE", "nvidia/jetson-orin-nano",
+           ORIN_GPU, 6, ORIN_CPU),
+    jetson("jetson-orin-nx", "Jetson Orin NX: Ampere sm_87 + 8x Cortex-A78AE", "nvidia/jetson-orin-nano",
+           ORIN_GPU, 8, ORIN_CPU),
+    jetson("jetson-agx-orin", "Jetson AGX Orin: Ampere sm_87 + 12x Cortex-A78AE", "nvidia/jetson-agx-orin-64gb",
+           ORIN_GPU, 12, ORIN_CPU),
+    jetson("jetson-xavier-nx", "Jetson Xavier NX: Volta sm_72 + 6x Carmel", "nvidia/jetson-agx-xavier",
+           XAVIER_GPU, 6, XAVIER_CPU),
+    jetson("jetson-agx-xavier", "Jetson AGX Xavier: Volta sm_72 + 8x Carmel", "nvidia/jetson-agx-xavier",
+           XAVIER_GPU, 8, XAVIER_CPU),
+):
+    register_target(_target)
 
 
 class UnknownTargetError(KeyError):
@@ -145,4 +151,4 @@ def get_target(name: str) -> TargetSpec:
 
 def list_targets() -> list[TargetSpec]:
     """Every spec once (aliases folded), in registration order."""
-    return list({spec.name: spec for spec in _targets.values()}.values())
+    return list({target.name: target for target in _targets.values()}.values())

@@ -8,10 +8,12 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline import cross_link
-from pipeline.cross_link import EM_AARCH64, CrossLinkError, aarch64_linker, elf_machine, linker_available
-from pipeline.emulation import (EmulationError, EmulatorUnavailable, emulator_available, find_emulator,
-                                run_library_emulated)
+from conftest import aarch64_linker, emulator_available, linker_available
+from pipeline import paths
+from pipeline.emulation import EmulationError, EmulatorUnavailable, find_emulator, run_library_emulated
+from pipeline.toolchain import cross_link
+from pipeline.toolchain.cross_link import CrossLinkError
+from pipeline.toolchain.elf import EM_AARCH64, machine as elf_machine
 
 SETUP = "scripts/setup_aarch64_runtime.sh"
 NOT_SET_UP = f"aarch64 emulator not set up: run {SETUP} as root (qemu-user, aarch64 Python + TVM runtime, ziglang)"
@@ -45,10 +47,10 @@ def test_zig_is_preferred_and_caches_in_a_stable_place(monkeypatch, tmp_path):
     monkeypatch.setenv("PIPELINE_ZIG_CACHE_DIR", str(tmp_path / "zig"))
     fcompile = aarch64_linker()
     assert fcompile.linker == "zig (aarch64-linux-gnu.2.28)"
-    assert cross_link.zig_cache_dir() == tmp_path / "zig"
+    assert paths.zig_cache_dir() == tmp_path / "zig"
     monkeypatch.delenv("PIPELINE_ZIG_CACHE_DIR")
-    monkeypatch.delenv("ZIG_GLOBAL_CACHE_DIR", raising=False)
-    assert cross_link.zig_cache_dir().parts[-3:] == (".cache", "pipeline", "zig")
+    monkeypatch.delenv("PIPELINE_CACHE_DIR", raising=False)  # the tests' isolated cache (conftest)
+    assert paths.zig_cache_dir().parts[-3:] == (".cache", "pipeline", "zig")
 
 
 def test_missing_emulator_is_a_typed_error_naming_the_setup_script(tmp_path):

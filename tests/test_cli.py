@@ -140,10 +140,15 @@ def test_interrupted_compile_leaves_no_artifact(tmp_path, sig):
 def test_cuda_arch_only_for_the_generic_cuda_target():
     result = run_cli("compile", "--model", "test_mixer", "--target", "jetson-orin-nano", "--cuda-arch", "sm_75")
     assert_one_line_error(result, "fixed GPU architecture")
+    result = run_cli("compile", "--model", "test_mixer", "--target", "rpi4", "--cuda-arch", "sm_87")
+    assert_one_line_error(result, "rpi4 has no GPU")
 
 
-def test_unsupported_cuda_arch_is_a_clear_error(tmp_path):
-    result = run_cli("compile", "--model", "test_mixer", "--target", "cuda", "--cuda-arch", "sm_120",
+@pytest.mark.parametrize("arch, says", [("sm_120", "cannot compile for sm_120"), ("sm87", "must look like 'sm_87'"),
+                                        ("sm_20", "cannot compile for sm_20")])
+def test_unsupported_cuda_arch_is_bad_input_refused_before_any_work(tmp_path, arch, says):
+    start = time.monotonic()
+    result = run_cli("compile", "--model", "test_mixer", "--target", "cuda", "--cuda-arch", arch,
                      "--out", str(tmp_path / "a"))
-    assert_one_line_error(result, "cannot compile for sm_120", code=1)
-    assert not (tmp_path / "a").exists()
+    assert_one_line_error(result, says, code=2)  # bad input; it was exit 1 after a whole build (~11 s)
+    assert not (tmp_path / "a").exists() and time.monotonic() - start < 10

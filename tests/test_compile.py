@@ -7,9 +7,9 @@ import pytest
 import models
 import targets
 from conftest import ALL_TARGETS, DEFAULT_FULL_SIZE, FULL_SIZE_MODELS, TEST_MODELS
-from pipeline.cross_link import elf_machine
-from pipeline.cuda_aot import cubin_info, cuda_device_code_format
-from pipeline.spec import sha256_file
+from pipeline.toolchain.elf import machine as elf_machine
+from pipeline.toolchain.cubin import cubin_info, cuda_device_code_format
+from pipeline.runtime import sha256_file
 
 EXPECTED_FILES = {"model.onnx", "model.sim.onnx", "lib.so", "params.npz", "inputs.npz", "outputs.npz"}
 ELF_MACHINE = {None: 62, "aarch64-linux-gnu": 183}  # x86-64 host, or the cross triple
@@ -63,7 +63,7 @@ def test_compile_full_size(compiled, model):
 def test_cuda_cubins_are_for_the_target_arch(compiled):
     for name in ("cuda", "jetson-agx-xavier"):
         out, manifest = compiled("test_mixer", name)
-        from pipeline.cuda_aot import cuda_device_code
+        from pipeline.toolchain.cubin import cuda_device_code
         [(fmt, cubin)] = cuda_device_code(out / "lib.so")
         assert fmt == "cubin" and cubin_info(cubin)["arch"] == targets.get_target(name).cuda.arch
 

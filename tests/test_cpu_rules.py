@@ -14,16 +14,16 @@ from tvm import relax, te, tirx, topi
 
 import targets
 from pipeline.stages import optimize as optimize_stage
-from pipeline.stages.build import tvm_target
+from pipeline.tvm_targets import to_tvm_target
 from pipeline.stages.optimize import lower_to_fused_tir
 from tvm_schedules.cpu import Contraction, Injective, RowReduction, apply_default_schedules, default_rules
-from tvm_schedules.cpu.common import is_scheduled
+from tvm_schedules.scheduled import is_scheduled
 from tvm_schedules.cpu.fast_math import vectorizable_math
 from tvm_schedules.cpu.isa import gemm_tiles
 from tvm_schedules.cyclefc import cyclefc_primfunc, schedule_cyclefc
 
-HOST = tvm_target(targets.get_target("x86"))
-ARM = tvm_target(targets.get_target("jetson-orin-cpu"))
+HOST = to_tvm_target(targets.get_target("x86"))
+ARM = to_tvm_target(targets.get_target("jetson-orin-cpu"))
 RNG = np.random.default_rng(0)
 
 

@@ -11,19 +11,14 @@ import pytest
 import tvm  # imported first on purpose: the pipeline imports tvm before it knows the target
 from tvm import relax
 
-from pipeline import cuda_aot
-from pipeline.cuda_aot import (
-    CudaToolchainError,
-    aot_cuda,
-    cubin_info,
-    cuda_device_code,
-    cuda_device_code_format,
-    kernel_resources,
-)
+from pipeline.toolchain import cuda_runtime, cuda_toolchains
+from pipeline.toolchain.cubin import cubin_info, cuda_device_code, cuda_device_code_format, kernel_resources
+from pipeline.toolchain.cuda_aot import aot_cuda
+from pipeline.toolchain.cuda_toolchains import CudaToolchainError, find_in_nvidia
 
 pytestmark = pytest.mark.skipif(
-    cuda_aot._find_in_nvidia("cuda_nvrtc/lib/libnvrtc.so.12") is None,
-    reason="NVRTC 12 missing: pip install " + " ".join(cuda_aot.TOOLCHAINS["nvrtc-12"].pip_packages),
+    find_in_nvidia("cuda_nvrtc/lib/libnvrtc.so.12") is None,
+    reason="NVRTC 12 missing: pip install " + " ".join(cuda_toolchains.TOOLCHAINS["nvrtc-12"].pip_packages),
 )
 
 JETSON = tvm.target.Target(
@@ -75,8 +70,8 @@ def test_sm87_cubin_exported(tmp_path):
     ex.export_library(str(lib))
 
     assert s.compiler_version == "12.6"
-    assert len(s.cubins) == 1
-    cubin = s.cubins[0]
+    assert len(s.outputs) == 1
+    cubin = s.outputs[0].cubin
     assert cubin[:4] == b"\x7fELF" and cubin[0x12:0x14] == (190).to_bytes(2, "little")  # EM_CUDA
     assert cubin_info(cubin) == {"arch": "sm_87", "abi_version": 7, "toolkit": 126}
     assert cubin[0x30] == 87  # e_flags low byte: SM of an ABI-7 cubin
@@ -95,7 +90,7 @@ def test_jetson_orin(tmp_path):
     # Linking a .so needs an aarch64 linker; the in-memory executable holds the same blob.
     assert cuda_device_code_format(ex) == "cubin"
     (fmt, code), = cuda_device_code(ex)
-    assert code == s.cubins[0] and cubin_info(code)["arch"] == "sm_87"
+    assert code == s.outputs[0].cubin and cubin_info(code)["arch"] == "sm_87"
     assert_sane(kernel_resources(code), 2)
     # A .tar export needs no linker: its devc.o (aarch64 ELF) is what gets linked on the board.
     ex.export_library(str(tmp_path / "jetson.tar"))
@@ -105,12 +100,12 @@ def test_jetson_orin(tmp_path):
 
 
 def test_sm72_nvrtc11():
-    if cuda_aot._find_in_nvidia("cuda_nvrtc/lib/libnvrtc.so.11.2") is None:
-        pytest.skip("pip install " + " ".join(cuda_aot.TOOLCHAINS["nvrtc-11"].pip_packages))
+    if find_in_nvidia("cuda_nvrtc/lib/libnvrtc.so.11.2") is None:
+        pytest.skip("pip install " + " ".join(cuda_toolchains.TOOLCHAINS["nvrtc-11"].pip_packages))
     with aot_cuda("sm_72", "nvrtc-11") as s:
         ex = build(SM72_X86)
     assert cuda_device_code_format(ex) == "cubin"
-    assert cubin_info(s.cubins[0]) == {"arch": "sm_72", "abi_version": 7, "toolkit": 118}
+    assert cubin_info(s.outputs[0].cubin) == {"arch": "sm_72", "abi_version": 7, "toolkit": 118}
     assert_sane(s.outputs[0].kernel_resources(), 2)
     # CUDA 12's cuda_fp16.h does not compile under NVRTC 11: a typed error, not a crash.
     with pytest.raises(CudaToolchainError, match="half-precision"):
@@ -132,24 +127,24 @@ def test_fp16_tensor_cores_nvrtc12():
     assert_sane(s.outputs[0].kernel_resources(), 2)
 
 
-def test_errors(monkeypatch, tmp_path):
-    with pytest.raises(CudaToolchainError, match="known: nvrtc-11, nvrtc-12"):
-        with aot_cuda("sm_87", "nvcc-99"):
+@pytest.mark.parametrize("arch, toolchain, message", [
+    ("sm_87", "nvcc-99", "known: nvrtc-11, nvrtc-12"),
+    ("sm_35", "nvrtc-12", "toolchains that can: nvrtc-11"),
+    ("sm_100", "nvrtc-12", "toolchains that can: none"),
+    ("87", "nvrtc-12", "look like 'sm_87'"),
+])
+def test_errors(arch, toolchain, message):
+    with pytest.raises(CudaToolchainError, match=message):
+        with aot_cuda(arch, toolchain):
             pass
-    with pytest.raises(CudaToolchainError, match="toolchains that can: nvrtc-11"):
-        with aot_cuda("sm_35", "nvrtc-12"):
-            pass
-    with pytest.raises(CudaToolchainError, match="toolchains that can: none"):
-        with aot_cuda("sm_100", "nvrtc-12"):
-            pass
-    with pytest.raises(CudaToolchainError, match="look like 'sm_87'"):
-        with aot_cuda("87", "nvrtc-12"):
-            pass
+
+
+def test_missing_toolchain_says_what_to_install(monkeypatch):
     missing = dataclasses.replace(
-        cuda_aot.TOOLCHAINS["nvrtc-12"], name="nvrtc-x", nvrtc_lib="libnvrtc.so.99",
+        cuda_toolchains.TOOLCHAINS["nvrtc-12"], name="nvrtc-x", nvrtc_lib="libnvrtc.so.99",
         pip_packages=("nvidia-cuda-nvrtc-cu99==99.0",),
     )
-    monkeypatch.setitem(cuda_aot.TOOLCHAINS, "nvrtc-x", missing)
+    monkeypatch.setitem(cuda_toolchains.TOOLCHAINS, "nvrtc-x", missing)
     with pytest.raises(CudaToolchainError, match="pip install nvidia-cuda-nvrtc-cu99"):
         with aot_cuda("sm_87", "nvrtc-x"):
             pass
@@ -157,7 +152,7 @@ def test_errors(monkeypatch, tmp_path):
 
 def test_stub_builds_in_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_path))
-    so = cuda_aot._build_libcuda_stub(["cuModuleLoadData", "cuGetErrorName"])
+    so = cuda_runtime._build_libcuda_stub(["cuModuleLoadData", "cuGetErrorName"])
     assert so.parent.parent == tmp_path / "cuda-stub" and so.name == "libcuda.so.1"
     assert b"libcuda.so.1" in so.read_bytes()  # soname, so it satisfies NEEDED libcuda.so.1
 
@@ -167,7 +162,7 @@ def test_ensure_runtime_after_import_tvm_in_fresh_process():
     code = (
         "import tvm, tvm_ffi\n"
         "assert tvm_ffi.get_global_func('ffi.Module.create.cuda', allow_missing=True) is None\n"
-        "from pipeline.cuda_aot import ensure_cuda_codegen_runtime\n"
+        "from pipeline.toolchain.cuda_runtime import ensure_cuda_codegen_runtime\n"
         "ensure_cuda_codegen_runtime()\n"
         "assert tvm_ffi.get_global_func('ffi.Module.create.cuda', allow_missing=True) is not None\n"
     )
@@ -186,10 +181,11 @@ def test_runtime_only_tvm_loads_its_cuda_library(tmp_path):
         "os.environ['TVM_USE_RUNTIME_LIB'] = '1'\n"
         "import tvm\n"
         "from pathlib import Path\n"
-        "from pipeline import cuda_aot, runtime\n"
+        "from pipeline import runtime\n"
+        "from pipeline.toolchain import cuda_runtime\n"
         "assert not tvm.runtime.enabled('cuda')\n"
-        "cuda_aot._load_cudart13()\n"  # what a CUDA machine has: its CUDA runtime, a driver (here: the stub)
-        "cuda_aot._load_driver_or_stub(Path(tvm.base._LOADED_LIBS['tvm_runtime']._name).resolve().parent)\n"
+        "cuda_runtime.load_cudart13()\n"  # what a CUDA machine has: its CUDA runtime, a driver (here: the stub)
+        "cuda_runtime.load_driver_or_stub(Path(tvm.base._LOADED_LIBS['tvm_runtime']._name).resolve().parent)\n"
         "try:\n"
         "    runtime.load_vm(Path('lib.so'), 'cuda')\n"
         "except runtime.RuntimeUnavailable as e:\n"
@@ -201,16 +197,16 @@ def test_runtime_only_tvm_loads_its_cuda_library(tmp_path):
     assert "no cuda device found" in out.stdout, out.stdout  # registered; the stub driver has no device
 
 
-@pytest.mark.skipif(cuda_aot._find_in_nvidia("cu13/bin/cuobjdump") is None,
+@pytest.mark.skipif(find_in_nvidia("cu13/bin/cuobjdump") is None,
                     reason="cross-check needs pip nvidia-cuda-cuobjdump")
 def test_resources_match_cuobjdump(tmp_path):
     with aot_cuda("sm_87", "nvrtc-12") as s:
         build(SM87_X86)
     path = tmp_path / "k.cubin"
-    path.write_bytes(s.cubins[0])
-    out = subprocess.run([str(cuda_aot._find_in_nvidia("cu13/bin/cuobjdump")), "--dump-resource-usage",
+    path.write_bytes(s.outputs[0].cubin)
+    out = subprocess.run([str(find_in_nvidia("cu13/bin/cuobjdump")), "--dump-resource-usage",
                           str(path)], capture_output=True, text=True, encoding="utf-8", check=True).stdout
-    for k in kernel_resources(s.cubins[0]):
+    for k in kernel_resources(s.outputs[0].cubin):
         line = out.split(f"Function {k['name']}:")[1].splitlines()[1]
         assert f"REG:{k['registers']} " in line and f"SHARED:{k['shared_bytes']} " in line
         assert "STACK:0 " in line and "LOCAL:0 " in line

@@ -58,3 +58,26 @@ def test_fp16_records_its_tolerance(tmp_path):
     # Not run here (no GPU), yet the board's run.py must hold it to float16's tolerance, not float32's.
     assert cuda_manifest["verify"]["compiled_library"].startswith("not run here")
     assert runtime.tolerances(cuda_manifest) == {"logits": (1e-2, 1e-2)}
+
+
+@pytest.mark.parametrize("name", CUDA_TARGETS)
+def test_every_cuda_target_names_a_toolchain_that_compiles_its_arch(name):
+    from pipeline.toolchain.cuda_toolchains import TOOLCHAINS, arch_problem
+
+    cuda = targets.get_target(name).cuda
+    assert cuda.toolchain in TOOLCHAINS, f"{name}: no CUDA toolchain {cuda.toolchain!r}"
+    assert arch_problem(cuda.arch, TOOLCHAINS[cuda.toolchain]) is None
+
+
+def test_toolchain_pins_are_pyprojects():
+    """The CUDA packages are pinned once, in pyproject.toml; the toolchains read the pins from there."""
+    import tomllib
+    from pathlib import Path
+
+    from pipeline.toolchain.cuda_toolchains import TOOLCHAINS, pinned
+
+    dependencies = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["dependencies"]
+    for toolchain in TOOLCHAINS.values():
+        for package in toolchain.pip_packages:
+            assert "==" not in package, f"{toolchain.name} pins {package} itself"
+            assert pinned(package) in dependencies, f"{package} is not pinned in pyproject.toml"

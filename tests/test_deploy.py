@@ -11,7 +11,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -23,59 +22,15 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import RPC_HOST, RPC_KEY, RpcProcesses, free_port, linker_available, listening, run_cli
 from pipeline import runtime
 from pipeline.bundle import BundleError, extract_bundle, make_bundle
-from pipeline.cross_link import linker_available
-from pipeline.deploy import Board, DeployError, DeployTimeout, TargetMismatch, deploy
+from pipeline.deploy import DeployError, DeployTimeout, TargetMismatch, deploy
 from pipeline.emulation import EmulatorUnavailable, find_emulator
+from pipeline.spec import Board
 
-HOST = "127.0.0.1"
-TRACKER_KEY = "x86-test"
-START_TIMEOUT_S = 90  # servers import TVM first (seconds; tens under qemu on a busy host)
-
-
-# ---------------------------------------------------------------- processes on loopback
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def listening(port: int) -> bool:
-    """True when something LISTENs on 127.0.0.1:port (read from /proc: connecting would disturb TVM's server)."""
-    want = f"0100007F:{port:04X}"
-    lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
-    return any(line.split()[1] == want and line.split()[3] == "0A" for line in lines)
-
-
-def start(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    with open(log, "wb") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                start_new_session=True)  # its own process group: killed whole, workers included
-
-
-def stop(proc: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=10)
-
-
-def wait_for(ready, proc: subprocess.Popen, log: Path, what: str, timeout: float = START_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not ready():
-        if proc.poll() is not None:
-            pytest.fail(f"{what} exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} not ready after {timeout} s:\n{log.read_text()[-2000:]}")
-        time.sleep(0.2)
-
-
-def tracker_keys(port: int) -> set[str]:
-    from tvm import rpc
-
-    return {info["key"] for info in rpc.connect_tracker(HOST, port).summary()["server_info"]}
+HOST = RPC_HOST
+TRACKER_KEY = RPC_KEY
 
 
 def emulated_server(emu, work: Path, port: int) -> tuple[list[str], dict[str, str]]:
@@ -100,36 +55,22 @@ def emulated_server(emu, work: Path, port: int) -> tuple[list[str], dict[str, st
 
 
 @pytest.fixture(scope="module")
-def boards(tmp_path_factory):
-    """A tracker, an x86 server to connect to directly, one registered with the tracker, and (when
-    emulation is set up) an emulated aarch64 server; all started at once, all killed at the end."""
-    work = tmp_path_factory.mktemp("rpc")
-    env = {**os.environ, "TMPDIR": str(work)}  # the servers' per-session directories
-    ports = SimpleNamespace(tracker=free_port(), direct=free_port(), tracked=free_port(), aarch64=None,
-                            no_aarch64="")
-    server = [sys.executable, "-m", "tvm.exec.rpc_server", "--host", HOST]
-    procs = {}
+def boards(rpc, tmp_path_factory):
+    """The session's tracker and x86 servers (conftest ``rpc``) and, when emulation is set up, an emulated
+    aarch64 server, killed at the end of this module."""
+    ports = SimpleNamespace(tracker=rpc.tracker, direct=rpc.direct, tracked=rpc.tracked, aarch64=None, no_aarch64="")
+    processes = RpcProcesses(tmp_path_factory.mktemp("rpc-aarch64"))
     try:
-        procs["tracker"] = start([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", HOST, "--port",
-                                  str(ports.tracker), "--port-end", str(ports.tracker + 1)], work / "tracker.log", env)
-        procs["direct"] = start([*server, "--port", str(ports.direct), "--port-end", str(ports.direct + 1)],
-                                work / "direct.log", env)
-        procs["tracked"] = start([*server, "--port", str(ports.tracked), "--port-end", str(ports.tracked + 1),
-                                  "--tracker", f"{HOST}:{ports.tracker}", "--key", TRACKER_KEY], work / "tracked.log", env)
         try:
             ports.aarch64 = free_port()
-            cmd, emu_env = emulated_server(find_emulator(), work, ports.aarch64)
-            procs["aarch64"] = start(cmd, work / "aarch64.log", emu_env)
+            cmd, emu_env = emulated_server(find_emulator(), processes.work, ports.aarch64)
+            processes.start("aarch64", cmd, emu_env)
+            processes.wait_for("aarch64", lambda: listening(ports.aarch64), "RPC aarch64")
         except EmulatorUnavailable as e:
             ports.aarch64, ports.no_aarch64 = None, str(e)
-        for name, proc in procs.items():
-            wait_for(lambda port=getattr(ports, name): listening(port), proc, work / f"{name}.log", f"RPC {name}")
-        wait_for(lambda: f"server:{TRACKER_KEY}" in tracker_keys(ports.tracker), procs["tracked"],
-                 work / "tracked.log", "registration with the tracker")
         yield ports
     finally:
-        for proc in procs.values():
-            stop(proc)
+        processes.close()
 
 
 @pytest.fixture(scope="module")
@@ -359,9 +300,9 @@ def test_a_cuda_artifact_is_refused_by_a_board_without_cuda(compiled, boards):
 
     if tvm.runtime.enabled("cuda") and tvm.cuda().exist:
         pytest.skip("this host has a CUDA GPU: the local server could run it")
-    from pipeline import cuda_aot
+    from pipeline.toolchain.cuda_toolchains import find_in_nvidia
 
-    if cuda_aot._find_in_nvidia("cuda_nvrtc/lib/libnvrtc.so.12") is None:
+    if find_in_nvidia("cuda_nvrtc/lib/libnvrtc.so.12") is None:
         pytest.skip("NVRTC 12 missing: cannot build a CUDA artifact here")
     cuda_artifact = compiled("test_mixer", "cuda")[0]
     with pytest.raises(TargetMismatch, match="no cuda support"):

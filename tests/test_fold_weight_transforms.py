@@ -9,13 +9,13 @@ import torch
 from tvm import relax
 
 import targets
-from pipeline.stages.build import tvm_target
+from pipeline.tvm_targets import to_tvm_target
 from pipeline.stages.optimize import lower_to_fused_tir
 from tvm_schedules.cpu import apply_default_schedules
 from tvm_schedules.passes.fold_weight_transforms import fold_weight_transforms
 from test_cpu_rules import prim_funcs, run, scripts
 
-HOST = tvm_target(targets.get_target("x86"))
+HOST = to_tvm_target(targets.get_target("x86"))
 RNG = np.random.default_rng(0)
 
 

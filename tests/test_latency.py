@@ -7,7 +7,6 @@ baselines/ for this machine, and on a real regression (a build without the defau
 judged against the normal build's baseline).
 """
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +14,9 @@ import pytest
 
 import pipeline.stages.optimize as optimize
 from conftest import run_cli
-from test_deploy import HOST, free_port, listening, start, stop, wait_for
-from pipeline.bench import Budget, check_outputs, device_fingerprint, measure, median_ci, quiet, ratio, summarize
+from conftest import RPC_HOST as HOST
+from pipeline.bench import Budget, device_fingerprint, measure, median_ci, quiet, ratio, summarize
+from pipeline.runtime import require_outputs_match
 from pipeline.errors import VerificationFailed
 from pipeline.regress import (DEFAULT_MACHINE_TOLERANCE, DEFAULT_TOLERANCE, baseline_path, decide, device_id,
                               kernel_diff, load_baselines, missing_device_message, save_baselines)
@@ -61,9 +61,9 @@ def test_statistics_and_adaptive_interleaved_measuring():
 
 def test_a_runtime_that_computes_something_else_is_not_timed():
     manifest = {"outputs": [{"name": "logits"}], "verify": {"tolerance": {"atol": 1e-5, "rtol": 1e-4}}}
-    check_outputs("torch", {"logits": np.zeros(3)}, {"logits": np.zeros(3)}, manifest)
+    require_outputs_match({"logits": np.zeros(3)}, {"logits": np.zeros(3)}, manifest, prefix="torch/")
     with pytest.raises(VerificationFailed, match="torch/logits: max_abs 1"):
-        check_outputs("torch", {"logits": np.ones(3)}, {"logits": np.zeros(3)}, manifest)
+        require_outputs_match({"logits": np.ones(3)}, {"logits": np.zeros(3)}, manifest, prefix="torch/")
 
 
 def entry(tvm_ms: float, reference_ms: float, spread: float = 0.01, busy: bool = False) -> dict:
@@ -195,18 +195,12 @@ def test_a_real_regression_is_caught_and_a_rerun_passes(fast_and_slow):
 
 
 @pytest.mark.latency
-def test_bench_times_the_library_on_a_board(compiled, tmp_path):
+def test_bench_times_the_library_on_a_board(compiled, rpc, tmp_path):
     """`bench --device`: the library and the reference kernel run on a TVM RPC server (here on loopback)."""
     artifact, _ = compiled("test_mixer")
-    port, log = free_port(), tmp_path / "server.log"
-    server = start([sys.executable, "-m", "tvm.exec.rpc_server", "--host", HOST, "--port", str(port),
-                    "--port-end", str(port + 1)], log)
-    try:
-        wait_for(lambda: listening(port), server, log, "the RPC server")
-        result = run_cli("bench", "--model", "test_mixer", "--artifact", str(artifact), "--device", f"{HOST}:{port}",
-                         "--max-seconds", "10", "--out", str(tmp_path / "out"))
-    finally:
-        stop(server)
+    port = rpc.direct
+    result = run_cli("bench", "--model", "test_mixer", "--artifact", str(artifact), "--device", f"{HOST}:{port}",
+                     "--max-seconds", "10", "--out", str(tmp_path / "out"))
     assert result.returncode == 0, result.stdout + result.stderr
     data = json.loads((tmp_path / "out" / "test_mixer-x86.bench.json").read_text())
     assert data["device"]["board"] == f"{HOST}:{port}"

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from models.cyclemlp import CycleFC
 from pipeline.runtime import run_library
-from pipeline.stages.build import build, tvm_target
+from pipeline.stages.build import build
+from pipeline.tvm_targets import to_tvm_target
 from pipeline.stages.export import export_onnx
 from pipeline.stages.reference import OUTPUT_NAMES, run_torch
 from pipeline.stages.relax_import import import_onnx
@@ -52,7 +53,7 @@ def compile_and_check(module, input_shape, tmp_path):
     export_onnx(module, inputs, OUTPUT_NAMES, 17, tmp_path / "m.onnx")
     simplify_onnx(tmp_path / "m.onnx", tmp_path / "s.onnx")
     mod, params = import_onnx(tmp_path / "s.onnx", {"input": input_shape})
-    mod, params, report = rewrite_cyclefc(mod, params, tvm_target(X86))
+    mod, params, report = rewrite_cyclefc(mod, params, to_tvm_target(X86))
     build(mod, X86, tmp_path / "lib.so")
     actual = run_library(tmp_path / "lib.so", "cpu", params, inputs, OUTPUT_NAMES)
     verify(reference, {"tvm": actual}, {"tvm": (1e-5, 1e-4)})

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,13 +17,13 @@ import pytest
 import tvm
 
 import targets
-from pipeline import tune as tune_module
+from conftest import free_port, kill_group
 from pipeline.run import compile_model
-from pipeline.spec import BuildSpec
+from pipeline.spec import Board, BuildSpec
 from pipeline.stages.optimize import lower_to_fused_tir
-from pipeline.tune import (NOTES, RECORDS, WORKLOADS, RpcTracker, RpcUnavailable, TuningDatabaseCorrupt,
-                           TuningUnsupported, check_tracker, database_dir, extract_tasks, open_database, tune,
-                           tuning_module)
+from pipeline.tune import extract_tasks, tune, tuning_module
+from pipeline.tuning.database import NOTES, RECORDS, WORKLOADS, TuningDatabaseCorrupt, database_dir, open_database
+from pipeline.tuning.measure import RpcUnavailable, TuningUnsupported, check_tracker, local_runner
 
 X86 = targets.get_target("x86")
 TIMEOUT_S = 240
@@ -53,7 +52,7 @@ def valid_records(path: Path, mod: tvm.IRModule, name: str) -> int:
 
 @pytest.fixture(scope="module")
 def mixer():
-    return tuning_module("test_mixer", X86)
+    return tuning_module(BuildSpec("test_mixer", "x86"))
 
 
 TASKS = ("fused_matmul_add1", "fused_matmul_add1_divide_erf_add2_multiply_multiply1")  # --tasks 'fused_matmul_add1*'
@@ -80,7 +79,7 @@ def tuned(tmp_path_factory):
         assert proc.poll() is None, "the tune finished before it could be killed"
         os.kill(proc.pid, signal.SIGKILL)  # the tune itself, mid-way
     finally:
-        _kill_group(proc)  # and the build / run workers it leaves behind
+        kill_group(proc)  # and the build / run workers it leaves behind
     killed_at = assert_consistent(next(cache.glob("tuning/*")))
     rerun = subprocess.run(command, env=env, capture_output=True, text=True, encoding="utf-8", timeout=TIMEOUT_S)
     assert rerun.returncode == 0, rerun.stderr
@@ -110,7 +109,7 @@ def test_tune_writes_the_targets_database(tuned, monkeypatch):
 def test_a_workload_tuned_for_one_model_serves_another(tuned, mixer):
     path = next(tuned[0].glob("tuning/*"))
     tuned_task = next(t for t in extract_tasks(mixer, X86) if t.name == TASKS[0])
-    (shared,) = [t for t in extract_tasks(tuning_module("test_resmlp", X86), X86) if t.workload == tuned_task.workload]
+    (shared,) = [t for t in extract_tasks(tuning_module(BuildSpec("test_resmlp", "x86")), X86) if t.workload == tuned_task.workload]
     assert open_database(path).stats(shared.mod).valid == 1  # whatever the function is called there
 
 
@@ -144,7 +143,7 @@ def test_compile_applies_records_that_beat_the_default_schedule(tuned, monkeypat
 
 def test_compile_without_a_database_applies_nothing(monkeypatch, tmp_path, mixer):
     monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_path))
-    from pipeline.tune import apply_records
+    from pipeline.tuning.apply import apply_records
     applied, report = apply_records(mixer, X86)
     assert report == {"database": str(database_dir(X86)), "records_applied": 0, "functions": {}, "default_faster": {}}
     assert applied.same_as(mixer) and not (tmp_path / "tuning").exists()
@@ -210,7 +209,7 @@ def test_concurrent_tunes_share_one_database(tmp_path, mixer):
         outputs = [proc.communicate(timeout=TIMEOUT_S) for proc in procs]
     finally:
         for proc in procs:
-            _kill_group(proc)
+            kill_group(proc)
     assert [proc.returncode for proc in procs] == [0, 0], [err for _, err in outputs]
     assert (db / WORKLOADS).read_bytes().count(b"\n") == 2
     assert assert_consistent(db) == 2
@@ -219,7 +218,7 @@ def test_concurrent_tunes_share_one_database(tmp_path, mixer):
 
 def test_no_valid_record_fails_loudly(tmp_path):
     # Every build times out: the tune must say so, with the first error, and exit non-zero.
-    script = ("import sys, pipeline.tune; pipeline.tune.BUILD_TIMEOUT_S = 0.01; from pipeline.cli import cli; "
+    script = ("import sys, pipeline.tuning.measure; pipeline.tuning.measure.BUILD_TIMEOUT_S = 0.01; from pipeline.cli import cli; "
               "cli(sys.argv[1:], prog_name='pipeline')")
     result = tune_cli("--trials", "1", "--tasks", "fused_matmul3_add7", "--db", str(tmp_path / "db"),
                       prefix=("-c", script))
@@ -229,7 +228,7 @@ def test_no_valid_record_fails_loudly(tmp_path):
 
 
 def test_hand_scheduled_cyclefc_is_not_tuned(tmp_path):
-    mod = tuning_module("test_cyclemlp", X86)
+    mod = tuning_module(BuildSpec("test_cyclemlp", "x86"))
     tasks = extract_tasks(mod, X86)
     assert {t.name.rstrip("0123456789") for t in tasks if t.hand_scheduled} == {"cyclefc"}
     with pytest.raises(TuningUnsupported, match="no task to tune matches"):
@@ -266,80 +265,19 @@ def test_rpc_arguments_are_checked(tmp_path):
     result = tune_cli("--rpc-tracker", "nowhere", "--rpc-key", "k")
     assert result.returncode == 2 and "is not HOST:PORT" in result.stderr
     with pytest.raises(RpcUnavailable, match="cannot reach the RPC tracker"):
-        check_tracker(RpcTracker("127.0.0.1", free_port(), "k"))
+        check_tracker(Board("127.0.0.1", free_port(), "k"))
 
 
-# ---- RPC: a real tracker and server on loopback ------------------------------------------------
+# ---- RPC: a real tracker and server on loopback (conftest's rpc fixture) -------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    """Kill what we started (the process and its workers: it leads its own session)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=30)
-
-
-def _wait_for(condition, what: str, timeout: float = 60) -> None:
-    deadline = time.time() + timeout
-    while not condition():
-        assert time.time() < deadline, f"{what} within {timeout} s"
-        time.sleep(0.2)
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-@pytest.fixture(scope="module")
-def rpc_tracker(tmp_path_factory):
-    """A TVM RPC tracker and one x86 server registered under a key, both on 127.0.0.1.
-
-    Yields (tracker, the server's log file)."""
-    logs = tmp_path_factory.mktemp("rpc")
-    tracker_port, server_port, key = free_port(), free_port(), "pipeline-test-x86"
-    procs = []
-
-    def start(name: str, *args: str) -> None:
-        with open(logs / f"{name}.log", "w") as log:
-            procs.append(subprocess.Popen([sys.executable, "-m", f"tvm.exec.{name}", "--host", "127.0.0.1", *args],
-                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-
-    try:
-        start("rpc_tracker", "--port", str(tracker_port), "--port-end", str(tracker_port + 1))
-        _wait_for(lambda: _listening(tracker_port), "the tracker listens")
-        start("rpc_server", "--port", str(server_port), "--port-end", str(server_port + 1),
-              "--tracker", f"127.0.0.1:{tracker_port}", "--key", key)
-        tracker = RpcTracker("127.0.0.1", tracker_port, key)
-
-        def registered() -> bool:
-            try:
-                return check_tracker(tracker) == 1
-            except RpcUnavailable:
-                return False
-
-        _wait_for(registered, "the server registers with the tracker")
-        yield tracker, logs / "rpc_server.log"
-    finally:
-        for proc in procs:
-            _kill_group(proc)
-
-
-def test_rpc_measurement(rpc_tracker, tmp_path, mixer):
-    tracker, server_log = rpc_tracker
+def test_rpc_measurement(rpc, tmp_path, mixer):
+    tracker, server_log = Board("127.0.0.1", rpc.tracker, rpc.key), rpc.processes.log("tracked")
     with pytest.raises(RpcUnavailable, match="no board is registered under key 'other'"):
-        check_tracker(RpcTracker(tracker.host, tracker.port, "other"))
+        check_tracker(Board(tracker.host, tracker.port, "other"))
     db = tmp_path / "db"
     result = tune_cli("--trials", "1", "--tasks", "fused_matmul2_add6", "--db", str(db),
-                      "--rpc-tracker", f"{tracker.host}:{tracker.port}", "--rpc-key", tracker.key)
+                      "--rpc-tracker", f"{tracker.host}:{tracker.port}", "--rpc-key", tracker.tracker_key)
     assert result.returncode == 0, result.stderr
     assert "1 new records (1 valid)" in result.stdout
     assert valid_records(db, mixer, "fused_matmul2_add6") == 1
@@ -348,7 +286,7 @@ def test_rpc_measurement(rpc_tracker, tmp_path, mixer):
 
 
 def test_local_measurements_use_the_targets_cores():
-    runner = tune_module.local_runner(X86)
+    runner = local_runner(X86)
     # in the runner's worker process, where MetaSchedule times candidates and our default schedules
     threads = runner.pool.submit(lambda: __import__("tvm").get_global_func("runtime.NumThreads")()).result()
     assert threads == X86.tvm_target["num-cores"] == os.cpu_count()

@@ -1,1 +1,2 @@
-"""Hand-written TensorIR schedules for operators the default TVM lowering handles poorly."""
+"""Our TVM side below the pipeline: TensorIR kernels (cyclefc.py), Relax passes (passes/, one per file), the
+default CPU schedule rules (cpu/) and the mark of a scheduled function (scheduled.py). Imports TVM, never pipeline."""

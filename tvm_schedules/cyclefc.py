@@ -29,6 +29,7 @@ from tvm.s_tir import Schedule
 # (tvm_schedules/cpu/isa.py; CPU_ACC_SCOPE there says why an accumulator tile is "global", not "local").
 from .cpu.isa import CPU_ACC_SCOPE as _CPU_ACC_SCOPE
 from .cpu.isa import cpu_tiles, cpu_vector_lanes, cpu_vector_registers
+from .scheduled import mark_scheduled
 
 __all__ = ["cyclefc_te", "cyclefc_primfunc", "schedule_cyclefc", "cpu_vector_lanes", "cpu_tiles", "SCHEDULES"]
 
@@ -191,4 +192,4 @@ def schedule_cyclefc(func: tirx.PrimFunc, target) -> tirx.PrimFunc:
         raise ValueError(f"no CycleFC schedule for target kind {target.kind.name!r}; have {sorted(SCHEDULES)}") from None
     name = func.attrs.get("global_symbol", "cyclefc") if func.attrs is not None else "cyclefc"
     scheduled = fn(func, target)
-    return scheduled.with_attr("global_symbol", name).with_attr("tirx.is_scheduled", True)
+    return mark_scheduled(scheduled.with_attr("global_symbol", name))

@@ -1,1 +1,1 @@
-"""One plain function per stage; `pipeline.run.compile_model` calls them in order."""
+"""One plain function per stage; `pipeline.run` lists them once, in order (`front_end`, then `compile_model`)."""

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 import models
 from ..errors import UnknownModel, WeightsError
-from ..spec import sha256_file
+from ..runtime import sha256_file
 
 _CHECKPOINT_WRAPPERS = ("model", "state_dict", "model_state", "model_ema")
 

@@ -12,8 +12,8 @@ from tvm_schedules.passes.fold_weight_transforms import fold_weight_transforms
 from tvm_schedules.passes.mark_weight_arguments import mark_weight_arguments
 from tvm_schedules.passes.rewrite_cyclefc import rewrite_cyclefc
 from tvm_schedules.cpu import apply_default_schedules as cpu_default_schedules
-from ..tune import apply_records
-from .build import tvm_target
+from ..tuning.apply import apply_records
+from ..tvm_targets import to_tvm_target
 
 # Each graph pass: (mod, params, tvm target) -> (mod, params, report). Applied to every model, in order.
 GRAPH_PASSES = (rewrite_cyclefc,)
@@ -47,7 +47,7 @@ def lower(mod: tvm.IRModule, params: dict[str, np.ndarray], target: TargetSpec, 
     """Our graph rewrites, then fused TIR: the module whose functions are the tuning tasks (pipeline.tune)."""
     reports = {}
     for graph_pass in GRAPH_PASSES:
-        mod, params, reports[graph_pass.__name__] = graph_pass(mod, params, tvm_target(target))
+        mod, params, reports[graph_pass.__name__] = graph_pass(mod, params, to_tvm_target(target))
     if fp16:
         # After our rewrites: their kernels keep float32 (ToMixedPrecision leaves call_tir alone).
         mod = relax.transform.ToMixedPrecision(out_dtype="float16")(mod)
@@ -61,15 +61,15 @@ def optimize(mod: tvm.IRModule, params: dict[str, np.ndarray], target: TargetSpe
     mod, params, reports = lower(mod, params, target, fp16)
     mod, reports["tuning"] = apply_records(mod, target)  # the target's tuning database, if any
     mod, reports["default_schedules"] = apply_default_schedules(mod, target)
-    mod, params, reports["fold_weight_transforms"] = fold_weight_transforms(mod, params, tvm_target(target))
+    mod, params, reports["fold_weight_transforms"] = fold_weight_transforms(mod, params, to_tvm_target(target))
     return mod, params, reports
 
 
 def apply_default_schedules(mod: tvm.IRModule, target: TargetSpec) -> tuple[tvm.IRModule, dict]:
     """Schedule what is still unscheduled with the target kind's default rules (none: left to the build)."""
-    tvm_tgt = tvm_target(target)
-    schedule = DEFAULT_SCHEDULES.get(tvm_tgt.kind.name)
+    tvm_target = to_tvm_target(target)
+    schedule = DEFAULT_SCHEDULES.get(tvm_target.kind.name)
     if schedule is None:
-        return mod, {"applied": False, "reason": f"no default schedules for target kind {tvm_tgt.kind.name!r}"}
-    mod, report = schedule(mod, tvm_tgt)
+        return mod, {"applied": False, "reason": f"no default schedules for target kind {tvm_target.kind.name!r}"}
+    mod, report = schedule(mod, tvm_target)
     return mod, {"applied": True, **report}

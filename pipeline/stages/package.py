@@ -11,8 +11,8 @@ import numpy as np
 
 from models import ModelCfg
 from targets import TargetSpec
-from ..errors import OutputCheck
-from ..spec import MANIFEST_SCHEMA, canonical_json, sha256_bytes, sha256_file
+from ..runtime import MANIFEST_SCHEMA, OutputCheck, sha256_file  # the runtime's: a board hashes alike
+from ..spec import canonical_json, sha256_bytes
 
 TOOLCHAIN_PACKAGES = ("torch", "onnx", "onnxsim", "onnxruntime", "apache-tvm", "apache-tvm-ffi", "numpy")
 

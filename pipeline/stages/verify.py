@@ -8,8 +8,8 @@ import onnxruntime as ort
 
 from targets import TargetSpec
 from ..emulation import EmulatorUnavailable, run_library_emulated
-from ..errors import DegenerateReference, OutputCheck, VerificationFailed
-from ..runtime import compare as runtime_compare, run_library
+from ..errors import DegenerateReference, VerificationFailed
+from ..runtime import OutputCheck, compare, run_library
 
 
 def run_onnxruntime(path: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -18,29 +18,21 @@ def run_onnxruntime(path: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.n
     return dict(zip(names, session.run(names, inputs), strict=True))
 
 
-def run_compiled_library(spec: TargetSpec, lib: Path, params: dict[str, np.ndarray], inputs: dict[str, np.ndarray],
+def run_compiled_library(target: TargetSpec, lib: Path, params: dict[str, np.ndarray], inputs: dict[str, np.ndarray],
                          output_names: tuple[str, ...]) -> tuple[dict[str, np.ndarray] | None, str]:
     """Run the library where this machine can (natively or emulated); return its outputs and how it ran."""
     import tvm
 
-    if spec.runner == "host":
-        if not tvm.runtime.device(spec.device).exist:
-            return None, f"not run here: no {spec.device} device on this machine"
-        return run_library(lib, spec.device, params, inputs, output_names), "ran on this host"
-    if spec.runner == "qemu-aarch64":
+    if target.runner == "host":
+        if not tvm.runtime.device(target.device).exist:
+            return None, f"not run here: no {target.device} device on this machine"
+        return run_library(lib, target.device, params, inputs, output_names), "ran on this host"
+    if target.runner == "qemu-aarch64":
         try:
             return run_library_emulated(lib, params, inputs, output_names), "ran under qemu-aarch64 (user-mode emulation)"
         except EmulatorUnavailable as e:
             return None, f"not run here: {e}"
-    return None, f"not run here: {spec.name} libraries run on the device only (see `pipeline deploy`)"
-
-
-def compare(name: str, actual: np.ndarray, expected: np.ndarray, atol: float, rtol: float) -> OutputCheck:
-    """Pass iff |actual - expected| <= atol + rtol * |expected| everywhere (numpy.allclose).
-
-    The rule is pipeline.runtime's, so a board running a bundle applies exactly the same one.
-    """
-    return OutputCheck(**runtime_compare(name, actual, expected, atol, rtol))
+    return None, f"not run here: {target.name} libraries run on the device only (see `pipeline deploy`)"
 
 
 def check_reference_varies(reference: dict[str, np.ndarray]) -> None:
@@ -54,7 +46,8 @@ def check_reference_varies(reference: dict[str, np.ndarray]) -> None:
 
 def verify(reference: dict[str, np.ndarray], candidates: dict[str, dict[str, np.ndarray]],
            tolerances: dict[str, tuple[float, float]]) -> list[OutputCheck]:
-    """Check every output of every candidate runtime against its (atol, rtol); raise one error listing all failures."""
+    """Check every output of every candidate runtime against its (atol, rtol) with pipeline.runtime's rule, the one
+    a board applies; raise one error listing all failures."""
     check_reference_varies(reference)
     checks = [
         compare(f"{runtime}/{name}", outputs.get(name, np.empty(0)), expected, *tolerances[runtime])

@@ -24,7 +24,7 @@ from tvm import tirx
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.base import ScheduleRule
 
-from .common import is_scheduled
+from ..scheduled import is_scheduled
 from .contraction import Contraction
 from .injective import Injective
 from .isa import cpu_tiles, cpu_vector_lanes

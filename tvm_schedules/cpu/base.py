@@ -8,7 +8,8 @@ import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 
-from .common import NotApplicable, is_cpu, is_scheduled
+from ..scheduled import is_scheduled
+from .common import NotApplicable, is_cpu
 from .fast_math import vectorizable_math
 
 logger = logging.getLogger("tvm_schedules.cpu")

@@ -22,10 +22,6 @@ def is_cpu(target: tvm.target.Target) -> bool:
     return target.kind.name == "llvm"
 
 
-def is_scheduled(func: tirx.PrimFunc) -> bool:
-    return func.attrs is not None and "tirx.is_scheduled" in func.attrs and bool(func.attrs["tirx.is_scheduled"])
-
-
 def has_if_then_else(stmt) -> bool:
     return bool(_has_if_then_else(stmt))
 

@@ -1,16 +1,15 @@
 """Link TVM-exported objects into a shared library for another architecture (aarch64 first).
 
-``ex.export_library(path, fcompile=aarch64_linker())`` writes an aarch64 ``.so`` on this x86 host.
+``ex.export_library(path, fcompile=cross_linker("aarch64-linux-gnu"))`` writes an aarch64 ``.so`` on this x86 host.
 
 Linkers, in order of preference:
 
 1. ``zig cc`` from the PyPI package ``ziglang`` (``pip install ziglang`` is the whole set-up; it
    carries its own clang/lld and glibc stubs). Its global cache is kept in one stable place,
-   ``~/.cache/pipeline/zig`` (``PIPELINE_ZIG_CACHE_DIR`` overrides it, an exported
-   ``ZIG_GLOBAL_CACHE_DIR`` is honoured), because the first link for a target builds zig's libc
+   ``pipeline.paths.zig_cache_dir()``, because the first link for a target builds zig's libc
    stubs and compiler-rt (about a minute); every later link on the machine is fast.
    ``scripts/setup_aarch64_runtime.sh`` installs ziglang and warms that cache
-   (``python -m pipeline.cross_link --warm-up``).
+   (``python -m pipeline.toolchain.cross_link --warm-up``).
 2. Debian's cross g++ (``apt-get install g++-aarch64-linux-gnu``), when zig is missing.
 
 Neither present: :class:`CrossLinkError` saying what to install.
@@ -31,12 +30,12 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .errors import PipelineError
+from .. import paths
+from ..errors import PipelineError
+from . import elf
 
 log = logging.getLogger(__name__)
 
-SETUP_SCRIPT = "scripts/setup_aarch64_runtime.sh"
-EM_AARCH64 = 183  # ELF e_machine
 # glibc the zig-linked library asks for: the manylinux_2_28 baseline of the aarch64 TVM wheel,
 # so the library loads wherever that wheel does (Debian 11+, Ubuntu 20.04+ / JetPack 5+).
 DEFAULT_GLIBC = "2.28"
@@ -47,14 +46,6 @@ _CXX_SUFFIXES = (".cc", ".cpp", ".cxx", ".cu")
 
 class CrossLinkError(PipelineError):
     """No cross linker for the requested target, or the link itself failed."""
-
-
-def zig_cache_dir() -> Path:
-    """Where zig keeps its global cache (libc stubs, compiler-rt): stable, so they are built once."""
-    for var in ("PIPELINE_ZIG_CACHE_DIR", "ZIG_GLOBAL_CACHE_DIR"):
-        if os.environ.get(var):
-            return Path(os.environ[var]).expanduser()
-    return Path.home() / ".cache" / "pipeline" / "zig"
 
 
 def zig_command() -> list[str] | None:
@@ -112,11 +103,11 @@ def cross_linker(triple: str = "aarch64-linux-gnu", prefer: str | None = None,
     if zig is None and gcc is None:
         wanted = {"zig": "`pip install ziglang`", "gcc": f"`apt-get install {_debian_package(triple)}`"}
         options = " or ".join(v for k, v in wanted.items() if prefer in (None, k))
-        raise CrossLinkError(f"no linker for {triple}: {options} (or run {SETUP_SCRIPT}, which installs ziglang)")
+        raise CrossLinkError(f"no linker for {triple}: {options} (or run {paths.SETUP_SCRIPT}, which installs ziglang)")
 
     if zig is not None:
         zig_target = _zig_target(triple, glibc)
-        cache = zig_cache_dir()
+        cache = paths.zig_cache_dir()
 
         def fcompile(output: str, objects: Sequence[str], options: Sequence[str] | None = None, **_ignored) -> None:
             cache.mkdir(parents=True, exist_ok=True)
@@ -146,24 +137,6 @@ def cross_linker(triple: str = "aarch64-linux-gnu", prefer: str | None = None,
     return fcompile
 
 
-def aarch64_linker(prefer: str | None = None) -> Callable[..., None]:
-    """``cross_linker("aarch64-linux-gnu")``: zig from pip, else Debian's aarch64-linux-gnu-g++."""
-    return cross_linker("aarch64-linux-gnu", prefer=prefer)
-
-
-def linker_available(triple: str = "aarch64-linux-gnu") -> bool:
-    return zig_command() is not None or _debian_cross_cc(triple) is not None
-
-
-def elf_machine(path: Path | str) -> int:
-    """The ELF header's e_machine (183 = aarch64, 62 = x86-64); ValueError if ``path`` is not ELF."""
-    with open(path, "rb") as f:
-        head = f.read(20)
-    if len(head) < 20 or head[:4] != b"\x7fELF":
-        raise ValueError(f"{path} is not an ELF file")
-    return int.from_bytes(head[18:20], "little" if head[5] == 1 else "big")
-
-
 def warm_up(triple: str = "aarch64-linux-gnu") -> tuple[str, float]:
     """Link a one-function library so zig builds and caches its libc stubs now; returns (linker, seconds)."""
     fcompile = cross_linker(triple)
@@ -174,20 +147,20 @@ def warm_up(triple: str = "aarch64-linux-gnu") -> tuple[str, float]:
         start = time.perf_counter()
         fcompile(str(out), [str(src)])
         seconds = time.perf_counter() - start
-        if triple.startswith("aarch64") and elf_machine(out) != EM_AARCH64:
-            raise CrossLinkError(f"{fcompile.linker} produced e_machine {elf_machine(out)}, not aarch64")
+        if triple.startswith("aarch64") and elf.machine(out) != elf.EM_AARCH64:
+            raise CrossLinkError(f"{fcompile.linker} produced e_machine {elf.machine(out)}, not aarch64")
     return fcompile.linker, seconds
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.cross_link", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.toolchain.cross_link", description=__doc__.splitlines()[0])
     parser.add_argument("--warm-up", action="store_true", help="link a tiny library to fill zig's cache")
     parser.add_argument("--triple", default="aarch64-linux-gnu")
     args = parser.parse_args(argv)
     try:
         if args.warm_up:
             linker, seconds = warm_up(args.triple)
-            extra = f", cache {zig_cache_dir()}" if linker.startswith("zig") else ""
+            extra = f", cache {paths.zig_cache_dir()}" if linker.startswith("zig") else ""
             print(f"linked a {args.triple} library with {linker} in {seconds:.1f} s{extra}")
         else:
             print(cross_linker(args.triple).linker)

@@ -1,0 +1,1 @@
+"""Build-host toolchains: cross linking, CUDA ahead-of-time compilation, and reading what they produce."""
