@@ -12,14 +12,16 @@ board apply the same rules, and raise the same BundleError.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import tarfile
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
 from . import runtime
-from .runtime import BundleError, extract_bundle
+from .runtime import BadInput, BundleError, extract_bundle
 
 SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
@@ -29,40 +31,59 @@ def stem(path: Path) -> str:
     return next((path.name[:-len(s)] for s in SUFFIXES if path.name.endswith(s)), path.name)
 
 
-def verify_artifact(directory: Path) -> dict:
-    """The manifest of the artifact in ``directory``, once every file matches its sha256 there."""
-    manifest = runtime.read_manifest(directory)
+def verify_artifact(directory: Path, public_key: Path | None = None) -> dict:
+    """The manifest of the artifact in ``directory``, once it is intact (and, with ``public_key``, signed by its
+    owner) and every file matches its sha256 there."""
+    manifest = runtime.read_manifest(directory, public_key)
     runtime.verify_files(directory, manifest)
     return manifest
 
 
+def sign(manifest: bytes, private_key: Path) -> bytes:
+    """An Ed25519 signature of ``manifest`` with the PEM private key at ``private_key`` (openssl genpkey
+    -algorithm ed25519 makes one): what a board's run.py or deploy checks with the public key."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    try:
+        key = load_pem_private_key(Path(private_key).read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as e:
+        raise BadInput(f"cannot read the signing key {private_key} ({e}); give an unencrypted Ed25519 private key "
+                       "in PEM (openssl genpkey -algorithm ed25519 -out key.pem)") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise BadInput(f"{private_key} is not an Ed25519 private key (openssl genpkey -algorithm ed25519)")
+    return key.sign(manifest)
+
+
 @contextlib.contextmanager
-def open_artifact(path: Path) -> Iterator[tuple[Path, dict]]:
-    """(directory, manifest) of an artifact directory or a bundle file, every file checked first.
+def open_artifact(path: Path, public_key: Path | None = None) -> Iterator[tuple[Path, dict]]:
+    """(directory, manifest) of an artifact directory or a bundle file, the manifest and every file checked first.
 
     A bundle is extracted into a temporary directory that is removed on exit.
     """
     path = Path(path)
     with tempfile.TemporaryDirectory(prefix="pipeline-bundle-") as tmp:
         directory = path if path.is_dir() else extract_bundle(path, Path(tmp))
-        yield directory, verify_artifact(directory)
+        yield directory, verify_artifact(directory, public_key)
 
 
-def make_bundle(artifact_dir: Path, out: Path | None = None) -> Path:
+def make_bundle(artifact_dir: Path, out: Path | None = None, sign_key: Path | None = None) -> Path:
     """Write the bundle of ``artifact_dir`` to ``out`` (default: ARTIFACT_DIR.tar beside it); return its path.
 
-    Inside, one directory named after the file (NAME.tar holds NAME/). A tampered artifact is
-    refused; the file appears only once complete.
+    Inside, one directory named after the file (NAME.tar holds NAME/); with ``sign_key`` also manifest.sig, the
+    manifest's signature (which covers every file through their sha256s). A tampered artifact is refused; the
+    file appears only once complete.
     """
     directory = Path(artifact_dir).resolve()
     verify_artifact(directory)
+    signature = sign((directory / runtime.MANIFEST).read_bytes(), sign_key) if sign_key is not None else None
     out = Path(out) if out is not None else directory.with_name(f"{directory.name}.tar")
     if not out.name.endswith(SUFFIXES):
         raise BundleError(f"{out}: a bundle's name must end in {', '.join(SUFFIXES)} (.tar.gz / .tgz: gzip)")
     top = stem(out)  # `tar xf NAME.tar` gives NAME/
     if not runtime.PLAIN_NAME.match(top):
         raise BundleError(f"{out}: use a bundle name of letters, digits and . _ + - (it names the directory inside)")
-    members = [(directory / name, name) for name in (runtime.MANIFEST, *runtime.RUN_FILES)]
+    members = [(directory / name, name) for name in (runtime.MANIFEST, runtime.MANIFEST_SEAL, *runtime.RUN_FILES)]
     members.append((Path(runtime.__file__), runtime.RUNNER))
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -74,6 +95,10 @@ def make_bundle(artifact_dir: Path, out: Path | None = None) -> Path:
             tar.add(directory, arcname=top, recursive=False)
             for path, name in members:
                 tar.add(path, arcname=f"{top}/{name}", recursive=False)
+            if signature is not None:
+                info = tarfile.TarInfo(f"{top}/{runtime.SIGNATURE}")
+                info.size, info.mode, info.mtime = len(signature), 0o644, int(time.time())
+                tar.addfile(info, io.BytesIO(signature))
         os.chmod(partial, 0o644)  # mkstemp makes it 0600
         os.replace(partial, out)
     finally:

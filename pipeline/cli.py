@@ -101,7 +101,8 @@ def cli() -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of random weights and reference inputs.")
 @click.option("--cuda-arch", default=None, metavar="sm_XY",
               help="GPU architecture for the generic `cuda` target (default sm_87).")
-@click.option("--fp16", is_flag=True, help="Compute in float16 (verified with the variant's fp16 tolerance).")
+@click.option("--fp16", is_flag=True, help="Compute in float16; the library (or, where it cannot run here, its host "
+                                         "twin) is held to the variant's fp16 tolerance.")
 @reports_errors("interrupted; no artifact was written")
 def compile_cmd(model_name: str, target_name: str, batch: int, weights: Path | None, out: Path | None,
                 seed: int, cuda_arch: str | None, fp16: bool) -> None:
@@ -111,11 +112,30 @@ def compile_cmd(model_name: str, target_name: str, batch: int, weights: Path | N
     spec = BuildSpec(model=model_name, target=target_name, batch=batch, weights=weights, seed=seed,
                      cuda_arch=cuda_arch, fp16=fp16)
     out_dir, manifest = compile_model(spec, out, listener=StageProgress())
-    console.print(f"  compiled library: {manifest['verify']['compiled_library']}", highlight=False, soft_wrap=True)
-    for check in manifest["verify"]["outputs"]:
-        console.print(f"  {check['name']}: max_abs {check['max_abs']:.3g}, max_rel {check['max_rel']:.3g} "
-                      f"(atol {check['atol']:g}, rtol {check['rtol']:g})", highlight=False, soft_wrap=True)
+    print_verdict(manifest["verify"])
     stdout.print(f"artifact: {out_dir}  build_id {manifest['build_id'][:16]}", highlight=False, soft_wrap=True)
+
+
+def _print_checks(outputs: list[dict], prefix: str = "") -> None:
+    from .runtime import OutputCheck
+
+    for check in outputs:
+        if check["name"].startswith(prefix):
+            console.print(f"    {OutputCheck(**check).describe()}", highlight=False, soft_wrap=True)
+
+
+def print_verdict(verify: dict) -> None:
+    """Each check with what ran where, then whether the compiled library itself was verified (only then a tick)."""
+    console.print(f"  against {verify['reference']}:", highlight=False, soft_wrap=True)
+    for runtime, what in verify["checks"].items():
+        console.print(f"  {runtime}: {what}", highlight=False, soft_wrap=True)
+        _print_checks(verify["outputs"], f"{runtime}/")
+    if verify["library_verified"]:
+        console.print(f"[green]✓[/green] library verified: {verify['compiled_library']}", highlight=False,
+                      soft_wrap=True)
+    else:
+        console.print(f"[yellow]![/yellow] library NOT verified: {verify['compiled_library']}; verify it where it "
+                      "runs (`python -m pipeline deploy`, or the bundle's run.py)", highlight=False, soft_wrap=True)
 
 
 class TuneProgress:
@@ -251,8 +271,11 @@ def tune_cmd(model_name: str, target_name: str, trials: int, time_budget: float 
 @click.argument("artifact_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Bundle file: NAME.tar, or NAME.tar.gz / NAME.tgz for gzip. Default: ARTIFACT_DIR.tar beside it.")
+@click.option("--sign", "sign_key", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
+              metavar="KEY.pem", help="Sign the bundle with this Ed25519 private key (openssl genpkey -algorithm "
+                                      "ed25519); boards check it with the public key (run.py --public-key).")
 @reports_errors()
-def package_cmd(artifact_dir: Path, out: Path | None) -> None:
+def package_cmd(artifact_dir: Path, out: Path | None, sign_key: Path | None) -> None:
     """Pack an artifact into one bundle file for a board.
 
     The bundle holds the library, params, manifest, reference inputs and outputs, and run.py, which
@@ -261,7 +284,7 @@ def package_cmd(artifact_dir: Path, out: Path | None) -> None:
     """
     from .bundle import make_bundle
 
-    bundle = make_bundle(artifact_dir, out)
+    bundle = make_bundle(artifact_dir, out, sign_key)
     stdout.print(f"bundle: {bundle} ({bundle.stat().st_size / 1e6:.1f} MB)", highlight=False, soft_wrap=True)
 
 
@@ -272,8 +295,11 @@ def package_cmd(artifact_dir: Path, out: Path | None) -> None:
 @click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True, help="Untimed runs before timing.")
 @click.option("--json-out", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Result file. Default: ARTIFACT.deploy.json beside the artifact or bundle.")
+@click.option("--public-key", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
+              metavar="PUB.pem", help="Refuse a bundle that is not signed with this Ed25519 key's private half.")
 @reports_errors()
-def deploy_cmd(artifact: Path, board: Board, repeat: int, warmup: int, timeout: float, json_out: Path | None) -> None:
+def deploy_cmd(artifact: Path, board: Board, repeat: int, warmup: int, timeout: float, json_out: Path | None,
+               public_key: Path | None) -> None:
     """Run an artifact or bundle on a board over TVM RPC: check its sha256s, verify its outputs there, time it.
 
     \b
@@ -286,14 +312,13 @@ def deploy_cmd(artifact: Path, board: Board, repeat: int, warmup: int, timeout: 
     """
     from .deploy import deploy
 
-    result, json_path = deploy(artifact, board, warmup=warmup, repeat=repeat, timeout=timeout, json_out=json_out)
+    result, json_path = deploy(artifact, board, warmup=warmup, repeat=repeat, timeout=timeout, json_out=json_out,
+                               public_key=public_key)
     latency = result["latency_ms"]
     console.print(f"  board: {board} ({result['board']['arch'] or 'CPU not reported by its runtime-only TVM'}), "
                   f"device {result['board']['device']}",
                   highlight=False, soft_wrap=True)
-    for check in result["verify"]["outputs"]:
-        console.print(f"  {check['name']}: max_abs {check['max_abs']:.3g}, max_rel {check['max_rel']:.3g} "
-                      f"(atol {check['atol']:g}, rtol {check['rtol']:g}) ok", highlight=False, soft_wrap=True)
+    _print_checks(result["verify"]["outputs"])
     stdout.print(f"{result['model']} on {board}: median {latency['median_ms']:.3f} ms, p90 {latency['p90_ms']:.3f} ms "
                  f"over {latency['runs']} runs; result {json_path}", highlight=False, soft_wrap=True)
 

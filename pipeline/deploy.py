@@ -182,11 +182,12 @@ def default_json_path(path: Path) -> Path:
 
 
 def deploy(path: Path, board: Board, *, warmup: int = 3, repeat: int = 50, timeout: float = DEFAULT_TIMEOUT_S,
-           json_out: Path | None = None) -> tuple[dict, Path]:
-    """Verify ``path`` (an artifact directory or bundle) on ``board``; write the result as JSON; return it and its path."""
+           json_out: Path | None = None, public_key: Path | None = None) -> tuple[dict, Path]:
+    """Verify ``path`` (an artifact directory or bundle; with ``public_key``, signed by its owner) on ``board``;
+    write the result as JSON; return it and its path."""
     import tvm
 
-    with open_artifact(path) as (directory, manifest):
+    with open_artifact(path, public_key) as (directory, manifest):
         failure = None
         try:
             run = verify_on_board(board, directory, manifest, warmup=warmup, repeat=repeat, timeout=timeout)

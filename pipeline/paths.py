@@ -43,3 +43,12 @@ def zig_cache_dir() -> Path:
 def aarch64_root() -> Path:
     """The aarch64 userland and TVM runtime that run libraries under qemu-user (pipeline.emulation)."""
     return _own_or_cache(AARCH64_ENV, "aarch64")
+
+
+def portable(path: Path | str) -> str:
+    """``path`` as a manifest that ships to boards may say it: relative to the cache root, no machine's home."""
+    path = Path(path)
+    try:
+        return f"${CACHE_ENV}/{path.resolve().relative_to(cache_root().resolve())}"
+    except ValueError:
+        return path.name

@@ -152,7 +152,7 @@ def compile_model(spec: BuildSpec, out: Path | None = None, listener: StageListe
     from .stages.optimize import optimize
     from .stages.package import write_artifact
     from .stages.reference import OUTPUT_NAMES
-    from .stages.verify import run_compiled_library, run_onnxruntime, verify
+    from .stages.verify import run_compiled_library, run_host_twin, run_onnxruntime, verify
 
     target = resolve_target(spec)  # bad --target / --cuda-arch: refused before any work
     out = out or default_out_dir(spec)
@@ -168,16 +168,21 @@ def compile_model(spec: BuildSpec, out: Path | None = None, listener: StageListe
         with stage("build"):
             build_report = build(mod, target, work / "lib.so")
         with stage("verify"):
-            candidates = {"onnxruntime": run_onnxruntime(work / "model.sim.onnx", inputs)}
+            candidates, ran = {}, {}
+            candidates["onnxruntime"], ran["onnxruntime"] = run_onnxruntime(work / "model.sim.onnx", inputs)
             library_outputs, library_run = run_compiled_library(target, work / "lib.so", params, inputs, OUTPUT_NAMES)
             if library_outputs is not None:
-                candidates["tvm"] = library_outputs
+                candidates["tvm"], ran["tvm"] = library_outputs, f"the compiled library, {library_run}"
+            else:  # everything but the target's schedules and codegen, checked here
+                candidates["tvm-host"], ran["tvm-host"] = run_host_twin(front.mod, front.params, spec.fp16, inputs,
+                                                                        OUTPUT_NAMES)
             fp32 = (cfg.atol, cfg.rtol)
             library_tolerance = (cfg.fp16_atol, cfg.fp16_rtol) if spec.fp16 else fp32
-            checks = verify(reference, candidates, {"onnxruntime": fp32, "tvm": library_tolerance})
+            checks = verify(reference, candidates,
+                            {"onnxruntime": fp32, "tvm": library_tolerance, "tvm-host": library_tolerance})
         with stage("package"):
             manifest = write_artifact(work, model_name=spec.model, cfg=cfg, batch=spec.batch, weights=front.weights,
                                       target=target, inputs=inputs, reference=reference, params=params,
-                                      checks=checks, tolerance=library_tolerance, library_run=library_run, passes=passes,
-                                      build_report=build_report, timings=timings)
+                                      checks=checks, ran=ran, library_run=library_run, tolerance=library_tolerance,
+                                      passes=passes, build_report=build_report, timings=timings)
     return out, manifest

@@ -7,8 +7,9 @@ into every bundle as run.py:
     python3 run.py [--repeat N] [--warmup N]                    # inside an extracted bundle
     python3 -m pipeline.runtime BUNDLE_OR_DIR [--repeat N]      # a bundle file, or an artifact directory
 
-It checks every file against its sha256 in the manifest before loading anything, runs the model with
-the reference inputs, compares the outputs with the reference outputs at the tolerances recorded in
+It checks the manifest (against manifest.sha256, its build_id, and with --public-key its signature
+manifest.sig) and every file against its sha256 in the manifest before loading anything, runs the model with
+the reference inputs, compares the outputs with the reference outputs at the tolerance recorded in
 the manifest, and prints the latency (median and p90 over --repeat runs after --warmup runs).
 Exit status: 0 ok, 1 this machine cannot run it, 2 bad or tampered bundle, 3 outputs differ.
 
@@ -20,6 +21,7 @@ import argparse
 import hashlib
 import json
 import os
+import platform
 import re
 import shutil
 import sys
@@ -30,14 +32,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
+try:
+    import numpy as np
+except ImportError:  # said as one line by main(): a board without numpy
+    np = None
 
 if TYPE_CHECKING:
     import tvm
     from tvm.runtime.vm import VirtualMachine
 
 MANIFEST = "manifest.json"
-MANIFEST_SCHEMA = 2  # 2: verify.tolerance, what the library's outputs are held to
+# 3: build_id over what was built only (BUILD_ID_EXCLUDES), the tolerance beside it, manifest.sha256, pipeline
+# version and commit, per-check provenance in verify
+MANIFEST_SCHEMA = 3
+MANIFEST_SEAL = "manifest.sha256"  # `sha256sum -c manifest.sha256` checks it without Python
+SIGNATURE = "manifest.sig"  # optional: an Ed25519 signature of manifest.json's bytes (package --sign)
+# What a manifest holds that is not what was built: results of checks, timings, provenance of the file itself.
+BUILD_ID_EXCLUDES = ("build_id", "verify", "timings_s", "created_at", "bundle")
 RUNNER = "run.py"  # this file, inside a bundle
 LIBRARY = "lib.so"
 # What a run reads besides the manifest; a bundle carries exactly these, the manifest and the runner.
@@ -99,10 +110,12 @@ class OutputCheck:
     atol: float
     rtol: float
     passed: bool
+    # What the rule compares: max |actual - expected| / (atol + rtol |expected|); passing is <= 1 (and all finite).
+    allclose: float = float("inf")
 
     def describe(self) -> str:
-        return (f"{self.name}: max_abs {self.max_abs:.3g}, max_rel {self.max_rel:.3g} "
-                f"(atol {self.atol:g}, rtol {self.rtol:g}) {'ok' if self.passed else 'FAILED'}")
+        return (f"{self.name}: max_abs {self.max_abs:.3g}, allclose {self.allclose:.3g} of 1 "
+                f"(|a-b| <= atol {self.atol:g} + rtol {self.rtol:g} |b|) {'ok' if self.passed else 'FAILED'}")
 
 
 class VerificationFailed(NumericsFailed):
@@ -163,9 +176,33 @@ def extract_bundle(bundle: Path, dest: Path) -> Path:
     return directory
 
 
-def read_manifest(directory: Path) -> dict:
+def canonical_json(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def build_id(manifest: dict) -> str:
+    """What identifies a build: the sha256 of everything the manifest says was built (inputs, toolchain, target,
+    files, tolerance), not of what was checked or measured afterwards."""
+    built = {k: v for k, v in manifest.items() if k not in BUILD_ID_EXCLUDES}
+    return hashlib.sha256(canonical_json(built).encode()).hexdigest()
+
+
+def write_manifest(directory: Path, manifest: dict) -> dict:
+    """Write manifest.json and its seal manifest.sha256 (sha256sum format) into ``directory``; return the manifest
+    as read back."""
+    text = json.dumps(manifest, indent=2) + "\n"
+    (Path(directory) / MANIFEST).write_text(text)
+    (Path(directory) / MANIFEST_SEAL).write_text(f"{hashlib.sha256(text.encode()).hexdigest()}  {MANIFEST}\n")
+    return json.loads(text)
+
+
+def read_manifest(directory: Path, public_key: Path | None = None) -> dict:
+    """The manifest of ``directory``, once it is intact: its sha256 matches manifest.sha256 and its build_id its
+    content; with ``public_key`` (PEM, Ed25519) also its signature manifest.sig."""
+    path = Path(directory) / MANIFEST
     try:
-        manifest = json.loads((Path(directory) / MANIFEST).read_text())
+        data = path.read_bytes()
+        manifest = json.loads(data)
     except (OSError, ValueError) as e:
         raise BundleError(f"{directory} has no readable {MANIFEST} ({e}); give an artifact directory or a bundle "
                           "from `python -m pipeline package`") from None
@@ -173,20 +210,55 @@ def read_manifest(directory: Path) -> dict:
         found = manifest.get("schema") if isinstance(manifest, dict) else None
         raise BundleError(f"{directory}: its manifest has schema {found}, this runtime reads schema {MANIFEST_SCHEMA}; "
                           "compile the model again with this version of pipeline")
+    try:
+        sealed = (Path(directory) / MANIFEST_SEAL).read_text().split()[0]
+    except (OSError, IndexError):
+        raise BundleError(f"{directory} has no {MANIFEST_SEAL}, so its manifest cannot be checked; "
+                          "use an intact copy (or compile it again)") from None
+    if hashlib.sha256(data).hexdigest() != sealed or manifest.get("build_id") != build_id(manifest):
+        raise BundleError(f"{path} was modified after the build (it does not match {MANIFEST_SEAL} or its build_id); "
+                          "use an intact copy (or compile it again)")
+    if public_key is not None:
+        verify_signature(Path(directory), data, public_key)
     return manifest
+
+
+def verify_signature(directory: Path, data: bytes, public_key: Path) -> None:
+    """BundleError unless manifest.sig is an Ed25519 signature of ``data`` by ``public_key``'s private key."""
+    try:
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+        from cryptography.hazmat.primitives.serialization import load_pem_public_key
+    except ImportError:
+        raise RuntimeUnavailable("checking a signature needs the `cryptography` package: pip install cryptography") from None
+    try:
+        key = load_pem_public_key(Path(public_key).read_bytes())
+    except (OSError, ValueError) as e:
+        raise BundleError(f"cannot read the public key {public_key} ({e}); give an Ed25519 public key in PEM") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise BundleError(f"{public_key} is not an Ed25519 public key")
+    try:
+        key.verify((directory / SIGNATURE).read_bytes(), data)
+    except FileNotFoundError:
+        raise BundleError(f"{directory} is not signed (no {SIGNATURE}) but a public key was given; "
+                          "sign it with `python -m pipeline package --sign KEY`") from None
+    except InvalidSignature:
+        raise BundleError(f"{directory}/{SIGNATURE} is not a signature of its manifest by {public_key}: "
+                          "the bundle was changed, or signed with another key") from None
 
 
 def verify_files(directory: Path, manifest: dict) -> None:
     """Raise BundleError unless every file in ``directory`` is one the manifest lists, with its sha256.
 
-    The manifest and the runner are the only files it does not list; the files a run needs must be there.
+    The manifest, its seal and signature and the runner are the only files it does not list; the files a run
+    needs must be there.
     """
-    expected = manifest.get("files", {})
+    expected = {**manifest.get("files", {}), **manifest.get("bundle", {}).get("files", {})}
     problems = [f"{name} is missing" for name in RUN_FILES if not (Path(directory) / name).exists()]
     for entry in sorted(Path(directory).iterdir()):
         if entry.is_symlink() or not entry.is_file():
             problems.append(f"{entry.name} is not a regular file")
-        elif entry.name in (MANIFEST, RUNNER):
+        elif entry.name in (MANIFEST, MANIFEST_SEAL, SIGNATURE, RUNNER):
             continue
         elif entry.name not in expected:
             problems.append(f"{entry.name} is not listed in the manifest")
@@ -211,7 +283,7 @@ def load_arrays(directory: Path, manifest: dict) -> tuple[dict[str, np.ndarray],
 def tolerances(manifest: dict) -> dict[str, tuple[float, float]]:
     """(atol, rtol) per output name: what the compiled library is held to (the variant's float32 or float16
     tolerance), also where the compile could not run it (a CUDA library built on a machine without a GPU)."""
-    tolerance = manifest["verify"]["tolerance"]
+    tolerance = manifest["tolerance"]
     return {output["name"]: (tolerance["atol"], tolerance["rtol"]) for output in manifest["outputs"]}
 
 
@@ -228,7 +300,9 @@ def compare(name: str, actual: np.ndarray, expected: np.ndarray, atol: float, rt
     passed = bool(np.all(diff <= atol + rtol * magnitude)) and bool(np.all(np.isfinite(actual)))
     max_abs = float(np.max(diff)) if diff.size else 0.0
     max_rel = float(np.max(diff / np.maximum(magnitude, atol))) if diff.size else 0.0
-    return OutputCheck(name, tuple(expected.shape), max_abs, max_rel, atol, rtol, passed)
+    allclose = float(np.max(diff / (atol + rtol * magnitude))) if diff.size else 0.0
+    return OutputCheck(name, tuple(expected.shape), max_abs, max_rel, atol, rtol, passed,
+                       allclose if np.all(np.isfinite(actual)) else float("inf"))
 
 
 def check_outputs(outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray], manifest: dict,
@@ -295,12 +369,37 @@ def load_vm(lib_path: Path, device: str) -> tuple[VirtualMachine, tvm.runtime.De
     dev = tvm.runtime.device(device)
     if not dev.exist:
         raise RuntimeUnavailable(f"no {device} device found by the TVM runtime on this machine")
+    built_for, here = elf_arch(lib_path), platform.machine()
+    if built_for not in (here, None):  # dlopen would say "cannot open shared object file", which misleads
+        raise RuntimeUnavailable(f"{lib_path} is an {built_for} library and this machine is {here}; "
+                                 "run it on the board it was compiled for, or compile for this machine")
     try:
         module = tvm.runtime.load_module(str(lib_path))
-    except RuntimeError as e:  # e.g. a library for another CPU: dlopen says "cannot open shared object file"
+    except RuntimeError as e:
         reason = str(e).strip().splitlines()[-1]
         raise RuntimeUnavailable(f"cannot load {lib_path} here ({reason}); was it compiled for this machine?") from None
     return VirtualMachine(module, dev), dev
+
+
+ELF_ARCHS = {62: "x86_64", 183: "aarch64"}  # e_machine -> the architecture as LLVM triples and uname spell it
+
+
+def elf_machine(path: Path | str) -> int:
+    """The ELF header's e_machine (183 = aarch64, 62 = x86-64); ValueError if ``path`` is not ELF."""
+    with open(path, "rb") as f:
+        head = f.read(20)
+    if len(head) < 20 or head[:4] != b"\x7fELF":
+        raise ValueError(f"{path} is not an ELF file")
+    return int.from_bytes(head[18:20], "little" if head[5] == 1 else "big")
+
+
+def elf_arch(path: Path | str) -> str | None:
+    """The CPU architecture a shared library was built for, or None when ``path`` is no ELF file."""
+    try:
+        machine = elf_machine(path)
+    except (OSError, ValueError):
+        return None
+    return ELF_ARCHS.get(machine, f"ELF machine {machine}")
 
 
 def to_device(arrays: list[np.ndarray], dev: tvm.runtime.Device) -> list[tvm.runtime.Tensor]:
@@ -339,8 +438,26 @@ def latency_stats(seconds: list[float]) -> dict[str, float]:
             "min_ms": float(ms.min()), "max_ms": float(ms.max()), "runs": len(seconds)}
 
 
+def argument_problems(manifest: dict, params: dict[str, np.ndarray], inputs: dict[str, np.ndarray]) -> list[str]:
+    """How ``inputs`` and ``params`` differ from what the library takes (the manifest's I/O specs and params)."""
+    problems = [f"input {name!r} is missing" for name in (t["name"] for t in manifest["inputs"]) if name not in inputs]
+    for spec in manifest["inputs"]:
+        given = inputs.get(spec["name"])
+        if given is not None and (list(np.shape(given)) != spec["shape"] or str(np.asarray(given).dtype) != spec["dtype"]):
+            problems.append(f"input {spec['name']!r} must be {spec['dtype']} {tuple(spec['shape'])}, "
+                            f"not {np.asarray(given).dtype} {tuple(np.shape(given))}")
+    problems += [f"unexpected input {name!r}" for name in inputs if name not in {t["name"] for t in manifest["inputs"]}]
+    if list(params) != manifest["params"]:
+        problems.append(f"params must be the {len(manifest['params'])} arrays of params.npz, in the manifest's order")
+    return problems
+
+
 def run_library(lib_path: Path, device: str, params: dict[str, np.ndarray], inputs: dict[str, np.ndarray],
-                output_names: tuple[str, ...]) -> dict[str, np.ndarray]:
+                output_names: tuple[str, ...], manifest: dict | None = None) -> dict[str, np.ndarray]:
+    """Run the library once. With the artifact's ``manifest``, wrong inputs are a BadInput naming them."""
+    problems = argument_problems(manifest, params, inputs) if manifest is not None else []
+    if problems:
+        raise BadInput(f"{lib_path}: " + "; ".join(problems))
     vm, dev = load_vm(lib_path, device)
     return run_vm(vm, to_device([*inputs.values(), *params.values()], dev), output_names)
 
@@ -353,7 +470,7 @@ def target_cores(manifest: dict) -> int | None:
     return None
 
 
-def run_bundle(directory: Path, warmup: int, repeat: int) -> dict:
+def run_bundle(directory: Path, warmup: int, repeat: int, public_key: Path | None = None) -> dict:
     """Check, run, compare and time the artifact in ``directory``; VerificationFailed if the outputs are wrong.
 
     TVM's thread pool gets the cores the library was compiled for, unless TVM_NUM_THREADS says otherwise:
@@ -361,7 +478,7 @@ def run_bundle(directory: Path, warmup: int, repeat: int) -> dict:
     """
     import tvm
 
-    manifest = read_manifest(directory)
+    manifest = read_manifest(directory, public_key)
     verify_files(directory, manifest)  # before anything is loaded
     params, inputs, reference = load_arrays(directory, manifest)
     vm, dev = load_vm(Path(directory) / LIBRARY, manifest["target"]["device"])
@@ -385,20 +502,30 @@ def main(argv: list[str] | None = None) -> int:
                         help="a bundle file (.tar, .tar.gz) or an artifact directory; default: this file's directory")
     parser.add_argument("--repeat", type=int, default=50, help="timed runs (default 50)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed runs before timing (default 3)")
+    parser.add_argument("--public-key", type=Path, default=None, metavar="PEM",
+                        help="refuse the bundle unless manifest.sig is its signature by this Ed25519 key "
+                             "(needs the cryptography package)")
     args = parser.parse_args(argv)
     if args.repeat < 1 or args.warmup < 0:
         parser.error("--repeat must be >= 1 and --warmup >= 0")
+    if np is None:
+        print(f"error: {parser.prog} needs numpy and the TVM runtime: pip install numpy apache-tvm "
+              "(on a Jetson, see docs/deploy.md)", file=sys.stderr)
+        return RuntimeUnavailable.exit_code
     start = time.perf_counter()
     try:
         with tempfile.TemporaryDirectory(prefix="pipeline-bundle-") as tmp:
             directory = args.bundle if args.bundle.is_dir() else extract_bundle(args.bundle, Path(tmp))
-            report = run_bundle(directory, args.warmup, args.repeat)
+            report = run_bundle(directory, args.warmup, args.repeat, args.public_key)
+            signed = (directory / SIGNATURE).exists()
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     manifest, latency = report["manifest"], report["latency"]
+    signature = ("signature checked" if args.public_key else "signed, signature not checked (no --public-key)"
+                 if signed else "not signed")
     print(f"{manifest['model']['name']} for {manifest['target']['name']} (build {manifest['build_id'][:16]}): "
-          f"files match the manifest")
+          f"manifest intact, files match the manifest, {signature}")
     for check in report["checks"]:
         print(check.describe())
     print(f"latency: median {latency['median_ms']:.3f} ms, p90 {latency['p90_ms']:.3f} ms over {latency['runs']} runs "

@@ -1,9 +1,6 @@
-"""What a command is asked to do: the build (BuildSpec, resolved to its target), the board it talks to, and the
-canonical hashing used by manifests."""
+"""What a command is asked to do: the build (BuildSpec, resolved to its target) and the board it talks to."""
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,11 +53,3 @@ class Board:
     def __str__(self) -> str:
         where = f"{self.host}:{self.port}"
         return where if self.tracker_key is None else f"key {self.tracker_key!r} via tracker {where}"
-
-
-def canonical_json(obj) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()

@@ -60,7 +60,7 @@ def test_statistics_and_adaptive_interleaved_measuring():
 
 
 def test_a_runtime_that_computes_something_else_is_not_timed():
-    manifest = {"outputs": [{"name": "logits"}], "verify": {"tolerance": {"atol": 1e-5, "rtol": 1e-4}}}
+    manifest = {"outputs": [{"name": "logits"}], "tolerance": {"atol": 1e-5, "rtol": 1e-4}}
     require_outputs_match({"logits": np.zeros(3)}, {"logits": np.zeros(3)}, manifest, prefix="torch/")
     with pytest.raises(VerificationFailed, match="torch/logits: max_abs 1"):
         require_outputs_match({"logits": np.ones(3)}, {"logits": np.zeros(3)}, manifest, prefix="torch/")

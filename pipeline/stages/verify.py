@@ -1,21 +1,50 @@
-"""Stage: compare every runtime's outputs against the PyTorch reference."""
+"""Stage: compare every runtime's outputs against the PyTorch reference, saying for each what ran where.
+
+The runtimes: ONNX Runtime on the simplified graph (float32: a witness of the export, not of our compiler); the
+compiled library where this machine can run it (natively, or aarch64 under qemu-user); and where it cannot (a
+CUDA library on a machine without a GPU), its *host twin*: the same imported module through the same optimize
+stage (our rewrites, the same float16 mixed precision) built for this host's CPU and run here, which checks all
+but the CUDA schedules and code generation.
+"""
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+import targets
 from targets import TargetSpec
 from ..emulation import EmulatorUnavailable, run_library_emulated
 from ..errors import DegenerateReference, VerificationFailed
 from ..runtime import OutputCheck, compare, run_library
+from .build import build
+from .optimize import optimize
+
+# The build host's own target: where the twin of a library that cannot run here is built and run.
+HOST_TARGET = "x86"
 
 
-def run_onnxruntime(path: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def run_onnxruntime(path: Path, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], str]:
+    """ONNX Runtime's outputs on ``path`` and what ran."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, inputs), strict=True))
+    outputs = dict(zip(names, session.run(names, inputs), strict=True))
+    return outputs, f"ONNX Runtime {ort.__version__} (CPU) on {path.name}, the float32 graph, on this host"
+
+
+def run_host_twin(mod, params: dict[str, np.ndarray], fp16: bool, inputs: dict[str, np.ndarray],
+                  output_names: tuple[str, ...]) -> tuple[dict[str, np.ndarray], str]:
+    """The imported module ``mod`` optimized and built for this host's CPU, run here; its outputs and what ran."""
+    host = targets.get_target(HOST_TARGET)
+    twin, twin_params, _ = optimize(mod, params, host, fp16)
+    with tempfile.TemporaryDirectory(prefix="pipeline-twin-") as tmp:
+        build(twin, host, Path(tmp) / "twin.so")
+        outputs = run_library(Path(tmp) / "twin.so", host.device, twin_params, inputs, output_names)
+    precision = ", float16 mixed precision" if fp16 else ""
+    return outputs, (f"host twin: the same module through the same optimize stage (our rewrites{precision}) built "
+                     f"for this host's CPU ({HOST_TARGET}) and run here; not the target's schedules or code generation")
 
 
 def run_compiled_library(target: TargetSpec, lib: Path, params: dict[str, np.ndarray], inputs: dict[str, np.ndarray],

@@ -1,15 +1,16 @@
 """The one ELF reader (pure Python, ELF64 little-endian): host libraries (x86-64, aarch64) and CUDA cubins.
 
-Only the standard library is imported here, so the board-side checks and the build host share it.
+The header's machine is read by pipeline.runtime (a bundle's run.py checks a library's architecture on the
+board, where only that file ships); the rest, sections and symbols, is here.
 """
 from __future__ import annotations
 
 import struct
-from pathlib import Path
 from typing import NamedTuple
 
+from ..runtime import ELF_ARCHS, elf_arch, elf_machine as machine  # noqa: F401 - this module's face for them
+
 EM_X86_64, EM_AARCH64, EM_CUDA = 62, 183, 190  # e_machine
-ARCH_NAMES = {EM_X86_64: "x86_64", EM_AARCH64: "aarch64"}  # as LLVM triples spell the architecture
 
 
 class Section(NamedTuple):
@@ -29,17 +30,8 @@ class Symbol(NamedTuple):
     size: int
 
 
-def machine(path: Path | str) -> int:
-    """The ELF header's e_machine (183 = aarch64, 62 = x86-64); ValueError if ``path`` is not ELF."""
-    with open(path, "rb") as f:
-        head = f.read(20)
-    if len(head) < 20 or head[:4] != b"\x7fELF":
-        raise ValueError(f"{path} is not an ELF file")
-    return int.from_bytes(head[18:20], "little" if head[5] == 1 else "big")
-
-
 def arch_name(e_machine: int) -> str:
-    return ARCH_NAMES.get(e_machine, f"ELF machine {e_machine}")
+    return ELF_ARCHS.get(e_machine, f"ELF machine {e_machine}")
 
 
 def sections(data: bytes) -> list[Section]:
