@@ -109,6 +109,15 @@ def quiet(values: list[float], slack: float = QUIET_SLACK) -> list[float]:
     return [v for v in values if v <= floor * (1 + slack)]
 
 
+def headline(values: list[float], min_quiet: int) -> dict:
+    """The statistics reported for one timer: over its quiet samples when there are ``min_quiet`` of them, else
+    over all its samples (a busy machine: slower, but no median or interval made of one or two lucky samples).
+    ``basis`` says which; ``quiet`` how many samples were quiet."""
+    q = quiet(values)
+    basis, used = ("quiet samples", q) if len(q) >= min_quiet else ("all samples: too few quiet ones", values)
+    return {**summarize(used), "basis": basis, "quiet": len(q)}
+
+
 def ratio(numerator: dict, denominator: dict) -> dict:
     """The ratio of two medians (:func:`summarize`) with a conservative 95 % interval: the ratio of the ends."""
     return {"median": numerator["median"] / denominator["median"],
@@ -430,7 +439,7 @@ def bench_artifact(path: Path, *, peers: tuple[str, ...] = (), per_layer: bool =
             runtime.require_outputs_match(outputs, reference, manifest, prefix=f"{peer}/")
         m = measure(timers, budget)
         kernels = profile_kernels(directory / runtime.LIBRARY, target.device, args) if per_layer else None
-    latency = {name: summarize(quiet(v)) for name, v in m.samples_ms.items()}
+    latency = {name: headline(v, budget.min_rounds) for name, v in m.samples_ms.items()}
     return {
         "schema": 1,
         "artifact": str(Path(path).resolve()),
@@ -443,11 +452,11 @@ def bench_artifact(path: Path, *, peers: tuple[str, ...] = (), per_layer: bool =
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "loadavg": {"start": load_start[0], "end": os.getloadavg()[0]},
         "method": {"budget": asdict(budget), "rounds": m.rounds, "quiet_slack": QUIET_SLACK,
-                   "busy": any(s["n"] < budget.min_rounds for s in latency.values()),  # too few quiet samples
+                   "busy": any(s["quiet"] < budget.min_rounds for s in latency.values()),  # too few quiet samples
                    "stopped": m.stopped, "seconds": round(m.seconds, 2), "calls_per_sample": m.calls_per_sample,
                    "runtimes": how},
         "samples_ms": m.samples_ms,
-        "latency_ms": latency,  # over each timer's quiet samples
+        "latency_ms": latency,  # over each timer's quiet samples, or all of them when too few are quiet
         "all_rounds_ms": {name: summarize(v) for name, v in m.samples_ms.items()},  # the noise, as measured
         # the machine-speed-independent latency `regress` compares
         "normalized": ratio(latency["tvm"], latency["reference"]),

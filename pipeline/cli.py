@@ -12,8 +12,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Column, Table
 
-import models
 import targets
+from . import version
 from .errors import PipelineError
 from .spec import Board, BuildSpec
 
@@ -58,34 +58,49 @@ def reports_errors(interrupted: str = "interrupted"):
     return decorate
 
 
-def _check_name(name: str, lookup, error_type) -> None:
+def _check_name(name: str, lookup) -> None:
     try:
         lookup(name)
-    except error_type as e:
+    except KeyError as e:  # the registries' UnknownModelError / UnknownTargetError
         raise click.BadParameter(str(e)) from None
 
 
-def _validated(lookup, error_type):
+def _validated(lookup):
     """A click callback that rejects unknown names with the registry's own message (close names suggested)."""
     def callback(_ctx, _param, value):
         if value is not None:
-            _check_name(value, lookup, error_type)
+            _check_name(value, lookup)
         return value
 
     return callback
 
 
-model_option = click.option("--model", "model_name", required=True, metavar="NAME",
-                            callback=_validated(models.get_model_cfg, models.UnknownModelError),
+def _model_cfg(name: str):
+    """The zoo's cfg of ``name``; models (and so torch, seconds to import) load only when a model is named."""
+    import models
+
+    return models.get_model_cfg(name)
+
+
+model_option = click.option("--model", "model_name", required=True, metavar="NAME", callback=_validated(_model_cfg),
                             help="Model variant (see `list-models`).")
 
 
 def target_option(help_text: str = "Target device (see `list-targets`)."):
     return click.option("--target", "target_name", default="x86", show_default=True, metavar="NAME",
-                        callback=_validated(targets.get_target, targets.UnknownTargetError), help=help_text)
+                        callback=_validated(targets.get_target), help=help_text)
+
+
+def _show_version(ctx, _param, value) -> None:
+    if value and not ctx.resilient_parsing:
+        commit = version.source_commit()
+        click.echo(f"pipeline {version.version()}" + (f" (commit {commit})" if commit else ""))
+        ctx.exit()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_show_version,
+              help="Show the version (and the commit of this checkout) and exit.")
 def cli() -> None:
     """Compile MLP-style vision models from PyTorch to verified TVM artifacts for edge devices."""
 
@@ -97,20 +112,22 @@ def cli() -> None:
 @click.option("--weights", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="A PyTorch state_dict checkpoint (timm / official layout). Default: seeded random weights.")
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=None,
-              help="Artifact directory. Default: artifacts/MODEL-TARGET[-bN].")
+              help="Artifact directory. Default: artifacts/MODEL-TARGET[-sm_XY][-bN][-fp16].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of random weights and reference inputs.")
 @click.option("--cuda-arch", default=None, metavar="sm_XY",
               help="GPU architecture for the generic `cuda` target (default sm_87).")
 @click.option("--fp16", is_flag=True, help="Compute in float16; the library (or, where it cannot run here, its host "
                                          "twin) is held to the variant's fp16 tolerance.")
+@click.option("--keep-export", is_flag=True,
+              help="Also keep model.onnx, the unsimplified export (as large as model.sim.onnx, which is kept).")
 @reports_errors("interrupted; no artifact was written")
 def compile_cmd(model_name: str, target_name: str, batch: int, weights: Path | None, out: Path | None,
-                seed: int, cuda_arch: str | None, fp16: bool) -> None:
+                seed: int, cuda_arch: str | None, fp16: bool, keep_export: bool) -> None:
     """Export, simplify, import, optimize, build, verify and package one model for one target."""
     from .run import compile_model
 
     spec = BuildSpec(model=model_name, target=target_name, batch=batch, weights=weights, seed=seed,
-                     cuda_arch=cuda_arch, fp16=fp16)
+                     cuda_arch=cuda_arch, fp16=fp16, keep_export=keep_export)
     out_dir, manifest = compile_model(spec, out, listener=StageProgress())
     print_verdict(manifest["verify"])
     stdout.print(f"artifact: {out_dir}  build_id {manifest['build_id'][:16]}", highlight=False, soft_wrap=True)
@@ -320,7 +337,8 @@ def deploy_cmd(artifact: Path, board: Board, repeat: int, warmup: int, timeout: 
                   highlight=False, soft_wrap=True)
     _print_checks(result["verify"]["outputs"])
     stdout.print(f"{result['model']} on {board}: median {latency['median_ms']:.3f} ms, p90 {latency['p90_ms']:.3f} ms "
-                 f"over {latency['runs']} runs; result {json_path}", highlight=False, soft_wrap=True)
+                 f"over {latency['runs']} runs on {result['threads']} thread(s) (TVM_NUM_THREADS of the board's "
+                 f"rpc_server); result {json_path}", highlight=False, soft_wrap=True)
 
 
 def _print_table(table: tuple[list[str], list[list[str]]], title: str | None = None) -> None:
@@ -332,12 +350,12 @@ def _print_table(table: tuple[list[str], list[list[str]]], title: str | None = N
     Console(width=max(stdout.width, natural)).print(out)  # never cut cells to fit 80 columns (CI logs)
 
 
-def _name_list(lookup, error_type):
-    """A click callback: a comma-separated list of names, each checked with ``lookup``."""
+def _name_list(lookup):
+    """A click callback: a comma-separated list of names, each checked with ``lookup`` (KeyError: unknown)."""
     def check(_ctx, _param, value: str | None) -> tuple[str, ...]:
         names = tuple(n.strip() for n in (value or "").split(",") if n.strip())
         for name in names:
-            _check_name(name, lookup, error_type)
+            _check_name(name, lookup)
         return names
 
     return check
@@ -353,25 +371,31 @@ def report_dir_option(formats: str):
                         show_default=True, help=f"Directory of the {formats} report.")
 
 
+class UnknownPeer(KeyError):
+    def __str__(self) -> str:
+        return self.args[0]
+
+
 def _peer(name: str) -> None:
     from .bench import PEER_TIMERS
 
     if name not in PEER_TIMERS:
-        raise ValueError(f"unknown runtime {name!r}; --compare takes {', '.join(PEER_TIMERS)}")
+        raise UnknownPeer(f"unknown runtime {name!r}; --compare takes {', '.join(PEER_TIMERS)}")
 
 
 @cli.command("bench")
 @model_option
 @target_option()
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Batch size, as compiled.")
-@click.option("--compare", "peers", default=None, metavar="RUNTIMES", callback=_name_list(_peer, ValueError),
+@click.option("--compare", "peers", default=None, metavar="RUNTIMES", callback=_name_list(_peer),
               help="Also time these, interleaved with the library: onnxruntime (model.sim.onnx), torch (eager, "
                    "same weights).")
 @click.option("--artifact", type=click.Path(path_type=Path, exists=True), default=None,
               help="Artifact directory or bundle. Default: artifacts/MODEL-TARGET[-bN], compiled first if missing.")
 @click.option("--per-layer", is_flag=True, help="Also time every compiled kernel and list the top ones.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="Threads of TVM, ONNX Runtime and PyTorch. Default: this machine's cores.")
+              help="Threads of TVM, ONNX Runtime and PyTorch. Default: this machine's cores, as a deployed library "
+                   "runs (regress defaults to 1: it compares with baselines on a machine shared with other jobs).")
 @max_seconds_option(30.0, "Stop sampling after this long even when the medians are not yet within +-2%.")
 @report_dir_option("JSON, Markdown and PNG")
 @board_options("Time the library instead of here")
@@ -404,7 +428,7 @@ def bench_cmd(model_name: str, target_name: str, batch: int, peers: tuple[str, .
 
 @cli.command("regress")
 @click.option("--models", "model_names", default=None, metavar="NAMES",
-              callback=_name_list(models.get_model_cfg, models.UnknownModelError),
+              callback=_name_list(_model_cfg),
               help="Comma-separated models. Default: every model in this machine's baseline file.")
 @target_option("Target (its libraries must run on this machine).")
 @click.option("--baselines", type=click.Path(path_type=Path, file_okay=False), default=Path("baselines"),
@@ -453,6 +477,8 @@ def regress_cmd(model_names: tuple[str, ...], target_name: str, baselines: Path,
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def list_models_cmd(pattern: str, as_json: bool) -> None:
     """List the model zoo."""
+    import models
+
     names = models.list_models(pattern)
     if as_json:
         stdout.print_json(json.dumps({n: dataclasses.asdict(models.get_model_cfg(n)) for n in names}))
@@ -467,9 +493,12 @@ def list_models_cmd(pattern: str, as_json: bool) -> None:
 
 
 @cli.command("list-targets")
-def list_targets_cmd() -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def list_targets_cmd(as_json: bool) -> None:
     """List the targets and the TVM target each one compiles for."""
-    table = Table(Column("target", no_wrap=True), "aliases", "description", "tvm target")
-    for target in targets.list_targets():
-        table.add_row(target.name, ", ".join(target.aliases), target.description, json.dumps(target.tvm_target))
-    stdout.print(table)
+    if as_json:
+        stdout.print_json(json.dumps({t.name: dataclasses.asdict(t) for t in targets.list_targets()}))
+        return
+    rows = [[t.name, ", ".join(t.aliases), t.description, json.dumps(t.tvm_target),
+             json.dumps(t.tvm_host) if t.tvm_host else ""] for t in targets.list_targets()]
+    _print_table((["target", "aliases", "description", "tvm target", "tvm host"], rows))

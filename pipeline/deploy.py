@@ -154,11 +154,12 @@ def run_on_board(remote: RPCSession, board: Board, directory: Path, manifest: di
         args = runtime.to_device([*inputs.values(), *params.values()], dev)
     with step("first_run", "running the model"):
         outputs = runtime.run_vm(vm, args, tuple(reference))
+        threads = remote.get_function("runtime.NumThreads")()  # the pool is sized at the first run
     checks = runtime.require_outputs_match(outputs, reference, manifest)
     # The board is busy for about (warmup + repeat) runs here; the timeout bounds the silence beyond that.
     with step("timing", f"timing {repeat} runs", timeout + 2 * (warmup + repeat) * seconds["first_run"]):
         latency = runtime.latency_stats(runtime.time_vm(vm, dev, args, warmup, repeat))
-    return {"checks": checks, "latency": latency, "seconds": seconds}
+    return {"checks": checks, "latency": latency, "seconds": seconds, "threads": threads}
 
 
 def verify_on_board(board: Board, directory: Path, manifest: dict, *, warmup: int, repeat: int,
@@ -209,6 +210,9 @@ def deploy(path: Path, board: Board, *, warmup: int = 3, repeat: int = 50, timeo
                   "device": manifest["target"]["device"]},
         "verify": {"passed": True, "reference": "pytorch", "outputs": [asdict(c) for c in run["checks"]]},
         "latency_ms": run["latency"],
+        # The board's TVM thread pool, sized by TVM_NUM_THREADS in its rpc_server's environment (run.py uses the
+        # target's cores): compare latencies only at equal thread counts.
+        "threads": run["threads"],
         "warmup": warmup,
         "timings_s": {k: round(v, 3) for k, v in run["seconds"].items()},
         "client": {"tvm": tvm.__version__},

@@ -41,5 +41,9 @@ class BuildError(PipelineError):
     """TVM import, optimization or build failed."""
 
 
+class DiskFull(PipelineError):
+    """No space left where the compile writes (the artifact's directory, or the temporary one TVM builds in)."""
+
+
 class DegenerateReference(NumericsFailed):
     """The reference outputs do not vary, so comparing against them would prove nothing."""

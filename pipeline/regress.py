@@ -224,7 +224,7 @@ def regress(models: list[str] | None, target: str, *, root: Path, artifacts: Pat
         baseline = data["models"][model]
         verdict = decide(baseline, now, data["tolerance"], data["machine_tolerance"])
         comparisons.append(Comparison(model, baseline, now, verdict, kernel_diff(baseline["kernels"], now["kernels"])))
-    if update:
+    if update and any(c.verdict.status == "recorded" for c in comparisons):  # a failed --update writes nothing
         data["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         save_baselines(path, data)
     return comparisons, data, path

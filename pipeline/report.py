@@ -16,14 +16,17 @@ def _ms(value: float) -> str:
 
 
 def bench_table(result: dict) -> Table:
-    """One row per runtime: the median of its quiet samples with its 95 % interval, the spread of all samples."""
+    """One row per runtime: the median of its quiet samples (of all, when too few are quiet: marked *) with its 95 %
+    interval, the spread of all samples."""
     headers = ["runtime", "median ms", "95% CI", "quiet", "p10", "p90", "IQR", "CV", "vs tvm"]
     rows = []
-    for name, quiet in result["latency_ms"].items():
+    for name, latency in result["latency_ms"].items():
         spread = result["all_rounds_ms"][name]
         vs = result["vs_tvm"].get(name)
-        half = (quiet["ci95"][1] - quiet["ci95"][0]) / 2 / quiet["median"]
-        rows.append([name, _ms(quiet["median"]), f"+-{half:.1%}", f"{quiet['n']}/{spread['n']}", _ms(spread["p10"]),
+        half = (latency["ci95"][1] - latency["ci95"][0]) / 2 / latency["median"]
+        mark = "" if latency["basis"] == "quiet samples" else " *"
+        rows.append([name, _ms(latency["median"]) + mark, f"+-{half:.1%}", f"{latency['quiet']}/{spread['n']}",
+                     _ms(spread["p10"]),
                      _ms(spread["p90"]), _ms(spread["iqr"]), f"{spread['cv']:.0%}",
                      f"{vs['median']:.3g}x" if vs else ""])
     return headers, rows
@@ -38,8 +41,8 @@ def measured_on(result: dict) -> str:
 
 def bench_summary(result: dict) -> str:
     m = result["method"]
-    busy = (f" BUSY: some runtime has fewer than {m['budget']['min_rounds']} quiet samples, its median is unreliable."
-            if m["busy"] else "")
+    busy = (f" BUSY: some runtime has fewer than {m['budget']['min_rounds']} quiet samples; its median (*) is over "
+            "all its samples, slowed by other jobs: rerun when the machine is quieter." if m["busy"] else "")
     return (f"{result['model']} on {result['target']} (batch {result['batch']}, build {result['build_id'][:12]}), "
             f"{measured_on(result)}: {m['rounds']} interleaved rounds in {m['seconds']:.0f} s, stopped: "
             f"{m['stopped']}; load average {result['loadavg']['start']:.1f} -> {result['loadavg']['end']:.1f}.{busy} "
@@ -126,7 +129,7 @@ def plot_bench(result: dict, path: Path) -> Path:
     dist.set_yticks(range(1, len(names) + 1), names)
     dist.invert_yaxis()
     dist.set_xlabel("ms per call. All samples: box IQR, whiskers p10-p90. Dots: quiet samples\n"
-                    f"(within {slack - 1:.0%} of the fastest), x: others. Diamond: median of the quiet ones.",
+                    f"(within {slack - 1:.0%} of the fastest), x: others. Diamond: the reported median (of all samples where too few are quiet).",
                     fontsize=9)
     dist.set_title("latency per runtime")
 
@@ -134,7 +137,7 @@ def plot_bench(result: dict, path: Path) -> Path:
     for name in names:
         line, = trace.plot(rounds, samples[name], marker=".", lw=0.8, ms=4, label=name, color=COLORS.get(name))
         trace.axhline(result["latency_ms"][name]["median"], ls="--", lw=0.8, color=line.get_color())
-    trace.set_xlabel("round (dashed: median of the quiet samples)", fontsize=9)
+    trace.set_xlabel("round (dashed: the reported median)", fontsize=9)
     trace.set_ylabel("ms per call")
     trace.set_title("every sample, in order")
     trace.legend(fontsize=8, loc="best", framealpha=0.7)

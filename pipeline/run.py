@@ -7,6 +7,7 @@ then the rest: optimize, build, verify, package. Each stage is a plain function 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import signal
@@ -18,7 +19,7 @@ from typing import Callable, Iterator
 
 from dataclasses import dataclass
 
-from .errors import OutputDirError
+from .errors import DiskFull, OutputDirError, PipelineError
 from .spec import BuildSpec, resolve_target
 
 # Called with (stage, None) when a stage starts and (stage, seconds) when it ends.
@@ -57,6 +58,26 @@ def staging_dir(out: Path) -> Iterator[Path]:
             os.replace(work, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+MIN_FREE_BYTES = 16 << 20  # a stage that fails with less room than this where the compile writes: a full disk
+
+
+@contextlib.contextmanager
+def disk_full_is_one_line(work: Path) -> Iterator[None]:
+    """A full disk said as such. Often it is not: TVM's build ends in "Compilation error:" and nothing (the C
+    compiler's message does not reach it), ONNX export in a RuntimeError; so a failure with (almost) no room left
+    where the compile writes (the artifact's directory, the temporary one TVM builds in) is taken for one."""
+    try:
+        yield
+    except (OSError, PipelineError) as e:
+        full = [d for d in (work.parent, Path(tempfile.gettempdir()))
+                if shutil.disk_usage(d).free < MIN_FREE_BYTES]
+        if not full and not (isinstance(e, OSError) and e.errno == errno.ENOSPC):
+            raise
+        where = ", ".join(map(str, full)) or str(work.parent)
+        raise DiskFull(f"no space left on device in {where} ({e.__class__.__name__}: {str(e).splitlines()[0][:120]}); "
+                       "free some space, or write elsewhere (--out, TMPDIR)") from None
 
 
 class _Interrupts:
@@ -136,6 +157,8 @@ def front_end(spec: BuildSpec, work: Path, stage: Stage) -> FrontEnd:
         export_onnx(model, inputs, OUTPUT_NAMES, cfg.opset, work / "model.onnx")
     with stage("simplify"):
         simplify_onnx(work / "model.onnx", work / "model.sim.onnx")
+        if not spec.keep_export:  # as large as the simplified graph and rarely needed after it
+            (work / "model.onnx").unlink()
     with stage("import relax"):
         mod, params = import_onnx(work / "model.sim.onnx", {INPUT_NAME: inputs[INPUT_NAME].shape})
     return FrontEnd(model, cfg, weights, inputs, reference, mod, params)
@@ -160,7 +183,7 @@ def compile_model(spec: BuildSpec, out: Path | None = None, listener: StageListe
     interrupts = _Interrupts()
     stage = lambda name: _timed(name, timings, listener, interrupts)  # noqa: E731
 
-    with interrupts.watch(), staging_dir(out) as work:
+    with interrupts.watch(), staging_dir(out) as work, disk_full_is_one_line(work):
         front = front_end(spec, work, stage)
         cfg, inputs, reference = front.cfg, front.inputs, front.reference
         with stage("optimize"):

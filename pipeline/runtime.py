@@ -352,6 +352,15 @@ def _load_device_runtime(device: str) -> None:
         pass
 
 
+# What to install where the runtime's CUDA backend does not load: the PyPI wheels' libtvm_runtime_cuda.so needs
+# libcudart.so.13 and a driver for CUDA 13; a Jetson (JetPack 5/6: CUDA 11/12) needs TVM's runtime built on it.
+DEVICE_RUNTIME_HINT = {
+    "aarch64": "on a Jetson, build TVM's runtime against the board's CUDA (scripts/build_tvm_runtime_on_jetson.sh, "
+               "see docs/deploy.md)",
+}.get(platform.machine(), "the PyPI wheel's CUDA runtime needs libcudart.so.13 (pip install nvidia-cuda-runtime) "
+                          "and an NVIDIA driver for CUDA 13; with an older CUDA, build TVM's runtime against it")
+
+
 def load_vm(lib_path: Path, device: str) -> tuple[VirtualMachine, tvm.runtime.Device]:
     try:
         import tvm
@@ -363,9 +372,7 @@ def load_vm(lib_path: Path, device: str) -> tuple[VirtualMachine, tvm.runtime.De
     if not tvm.runtime.enabled(device):
         # The PyPI aarch64 wheel links libcudart.so.13; on a CUDA 12 board (JetPack 6) it loads
         # without CUDA and says nothing, so say it here.
-        raise RuntimeUnavailable(
-            f"this TVM runtime ({tvm.__file__}) has no {device} support; on a Jetson, build TVM's runtime "
-            f"against the board's CUDA (scripts/build_tvm_runtime_on_jetson.sh, see docs/deploy.md)")
+        raise RuntimeUnavailable(f"this TVM runtime ({tvm.__file__}) has no {device} support; {DEVICE_RUNTIME_HINT}")
     dev = tvm.runtime.device(device)
     if not dev.exist:
         raise RuntimeUnavailable(f"no {device} device found by the TVM runtime on this machine")
@@ -476,12 +483,11 @@ def run_bundle(directory: Path, warmup: int, repeat: int, public_key: Path | Non
     TVM's thread pool gets the cores the library was compiled for, unless TVM_NUM_THREADS says otherwise:
     left alone, TVM takes half the CPUs on x86 (it assumes two hyperthreads per core), 1 on a 2-vCPU host.
     """
-    import tvm
-
     manifest = read_manifest(directory, public_key)
     verify_files(directory, manifest)  # before anything is loaded
     params, inputs, reference = load_arrays(directory, manifest)
     vm, dev = load_vm(Path(directory) / LIBRARY, manifest["target"]["device"])
+    import tvm  # loaded by load_vm: it says what to install when it is not there
     args = to_device([*inputs.values(), *params.values()], dev)
     cores, unset = target_cores(manifest), THREADS_ENV not in os.environ
     if cores and unset:

@@ -18,6 +18,7 @@ class BuildSpec:
     seed: int = 0  # seeds random weights and the reference inputs
     cuda_arch: str | None = None  # overrides the generic cuda target's arch
     fp16: bool = False  # compute in float16 (inputs, outputs and params stay float32 at the boundary)
+    keep_export: bool = False  # keep model.onnx, the unsimplified export (model.sim.onnx is what was compiled)
 
 
 class BadCudaArch(BadInput):

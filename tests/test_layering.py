@@ -35,7 +35,7 @@ ALLOWED_THIRD_PARTY = {
     "pipeline.version": set(),
     "pipeline.toolchain.elf": set(),
     "pipeline.toolchain.cuda_toolchains": set(),
-    "pipeline.runtime": {"numpy", "tvm"},  # ships alone as a bundle's run.py
+    "pipeline.runtime": {"numpy", "tvm", "cryptography"},  # ships alone as run.py; cryptography: signatures only
 }
 STDLIB = frozenset(__import__("sys").stdlib_module_names)
 

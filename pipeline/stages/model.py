@@ -82,4 +82,8 @@ def read_state_dict(path: Path, model: nn.Module) -> dict[str, torch.Tensor]:
     ]
     if problems:
         raise WeightsError(f"{path} does not fit this model: " + "; ".join(problems))
+    not_finite = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if not_finite:
+        raise WeightsError(f"{path} holds NaN or Inf in {len(not_finite)} tensor(s): {', '.join(not_finite[:5])}"
+                           f"{', ...' if len(not_finite) > 5 else ''}; fix or re-export the checkpoint")
     return state
