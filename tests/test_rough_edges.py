@@ -96,6 +96,8 @@ def test_a_cuda_library_on_an_x86_machine_without_cuda_says_what_this_machine_ne
 
 
 def test_regress_update_that_could_not_record_writes_nothing(compiled, tmp_path):
+    import tvm
+
     from pipeline.bench import Budget
     from pipeline.regress import regress, verdict_error
 
@@ -104,7 +106,8 @@ def test_regress_update_that_could_not_record_writes_nothing(compiled, tmp_path)
     shutil.copytree(compiled("test_mixer")[0], artifacts / "test_mixer-x86")
     # Two rounds are fewer quiet samples than a median needs: what a busy machine gives.
     comparisons, _, path = regress(["test_mixer"], "x86", root=tmp_path / "baselines", artifacts=artifacts,
-                                   update=True, budget=Budget(max_rounds=2, max_seconds=5, pause_ms=0))
+                                   update=True, budget=Budget(max_rounds=2, max_seconds=5, pause_ms=0),
+                                   threads=tvm.get_global_func("runtime.NumThreads")())  # this process's pool
     assert [c.verdict.status for c in comparisons] == ["unrecorded"]
     assert not path.exists() and verdict_error(comparisons, "x86").exit_code == 5
 
