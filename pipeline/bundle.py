@@ -15,6 +15,7 @@ import contextlib
 import os
 import tarfile
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -64,6 +65,13 @@ def make_bundle(artifact_dir: Path, out: Path | None = None) -> Path:
         raise BundleError(f"{out}: use a bundle name of letters, digits and . _ + - (it names the directory inside)")
     members = [(directory / name, name) for name in (runtime.MANIFEST, *runtime.RUN_FILES)]
     members.append((Path(runtime.__file__), runtime.RUNNER))
+    return write_tar(out, top, members)
+
+
+def write_tar(out: Path, top: str, members: list[tuple[Path, str]]) -> Path:
+    """Write ``members`` (file, name) into the tar ``out`` (gzip for .gz / .tgz) as the one directory ``top``: the
+    layout ``runtime.extract_bundle`` accepts (a bundle's, a batch of tuning candidates'). The file appears only once
+    complete."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, partial = tempfile.mkstemp(prefix=f".{out.name}.partial-", dir=out.parent)
@@ -71,7 +79,9 @@ def make_bundle(artifact_dir: Path, out: Path | None = None) -> Path:
         raise BundleError(f"cannot write to {out.parent}: {e.strerror}; choose another --out") from None
     try:
         with os.fdopen(fd, "wb") as f, tarfile.open(fileobj=f, mode="w:gz" if out.name.endswith((".gz", ".tgz")) else "w") as tar:
-            tar.add(directory, arcname=top, recursive=False)
+            top_dir = tarfile.TarInfo(top)
+            top_dir.type, top_dir.mode, top_dir.mtime = tarfile.DIRTYPE, 0o755, int(time.time())
+            tar.addfile(top_dir)
             for path, name in members:
                 tar.add(path, arcname=f"{top}/{name}", recursive=False)
         os.chmod(partial, 0o644)  # mkstemp makes it 0600

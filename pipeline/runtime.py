@@ -278,10 +278,11 @@ def _load_device_runtime(device: str) -> None:
         pass
 
 
-def load_vm(lib_path: Path, device: str) -> tuple[VirtualMachine, tvm.runtime.Device]:
+def open_device(device: str) -> tvm.runtime.Device:
+    """The TVM runtime's ``device`` ("cpu", "cuda") here; RuntimeUnavailable when this runtime has no support
+    for it or finds no such device."""
     try:
         import tvm
-        from tvm.runtime.vm import VirtualMachine
     except ImportError as e:
         raise RuntimeUnavailable(f"cannot import TVM's runtime ({e}); install it (see docs/deploy.md)") from None
     if not tvm.runtime.enabled(device):
@@ -295,12 +296,29 @@ def load_vm(lib_path: Path, device: str) -> tuple[VirtualMachine, tvm.runtime.De
     dev = tvm.runtime.device(device)
     if not dev.exist:
         raise RuntimeUnavailable(f"no {device} device found by the TVM runtime on this machine")
+    return dev
+
+
+def cuda_arch(compute_version: str) -> str:
+    """A device's compute capability ("8.7", as TVM reports it) as the arch CUDA code is compiled for ("sm_87")."""
+    return "sm_" + compute_version.replace(".", "")
+
+
+def load_module(lib_path: Path) -> tvm.runtime.Module:
+    import tvm
+
     try:
-        module = tvm.runtime.load_module(str(lib_path))
+        return tvm.runtime.load_module(str(lib_path))
     except RuntimeError as e:  # e.g. a library for another CPU: dlopen says "cannot open shared object file"
         reason = str(e).strip().splitlines()[-1]
         raise RuntimeUnavailable(f"cannot load {lib_path} here ({reason}); was it compiled for this machine?") from None
-    return VirtualMachine(module, dev), dev
+
+
+def load_vm(lib_path: Path, device: str) -> tuple[VirtualMachine, tvm.runtime.Device]:
+    dev = open_device(device)
+    from tvm.runtime.vm import VirtualMachine
+
+    return VirtualMachine(load_module(lib_path), dev), dev
 
 
 def to_device(arrays: list[np.ndarray], dev: tvm.runtime.Device) -> list[tvm.runtime.Tensor]:
