@@ -53,11 +53,13 @@ def test_cuda_candidates_are_cubins_for_the_targets_arch(tmp_path, target, arch,
 
 def test_a_board_without_cuda_is_refused_before_any_trial(rpc, tmp_path):
     # The loopback server's TVM (this host's wheel, no libcuda) has no CUDA: one line, exit 2, nothing uploaded.
+    server_log = rpc.processes.log("tracked")
+    before = len(server_log.read_text())  # the session's server: other tests' trials are in its log already
     result = tune_cli("--target", "jetson-orin-nano", "--db", str(tmp_path / "db"),
                       "--rpc-tracker", f"127.0.0.1:{rpc.tracker}", "--rpc-key", rpc.key, cache=tmp_path / "cache")
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: the board under key {rpc.key!r}'s TVM runtime has no CUDA support: every jetson-orin-nano trial "
         "would fail; on a Jetson build TVM's runtime against the board's CUDA (scripts/build_tvm_runtime_on_jetson.sh)")
-    assert "candidate.so" not in rpc.processes.log("tracked").read_text()
+    assert "candidate.so" not in server_log.read_text()[before:]
     assert not (tmp_path / "db").exists() or not (tmp_path / "db" / "database_tuning_record.json").exists()
