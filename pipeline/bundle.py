@@ -83,8 +83,18 @@ def make_bundle(artifact_dir: Path, out: Path | None = None, sign_key: Path | No
     top = stem(out)  # `tar xf NAME.tar` gives NAME/
     if not runtime.PLAIN_NAME.match(top):
         raise BundleError(f"{out}: use a bundle name of letters, digits and . _ + - (it names the directory inside)")
-    members = [(directory / name, name) for name in (runtime.MANIFEST, runtime.MANIFEST_SEAL, *runtime.RUN_FILES)]
+    members: list[tuple[Path | bytes, str]] = [
+        (directory / name, name) for name in (runtime.MANIFEST, runtime.MANIFEST_SEAL, *runtime.RUN_FILES)]
     members.append((Path(runtime.__file__), runtime.RUNNER))
+    if signature is not None:
+        members.append((signature, runtime.SIGNATURE))
+    return write_tar(out, top, members)
+
+
+def write_tar(out: Path, top: str, members: list[tuple[Path | bytes, str]]) -> Path:
+    """Write ``members`` (a file or bytes, and its name) into the tar ``out`` (gzip for .gz / .tgz) as the one
+    directory ``top``: the layout ``runtime.extract_bundle`` accepts (a bundle's, a batch of tuning candidates').
+    The file appears only once complete."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, partial = tempfile.mkstemp(prefix=f".{out.name}.partial-", dir=out.parent)
@@ -92,13 +102,16 @@ def make_bundle(artifact_dir: Path, out: Path | None = None, sign_key: Path | No
         raise BundleError(f"cannot write to {out.parent}: {e.strerror}; choose another --out") from None
     try:
         with os.fdopen(fd, "wb") as f, tarfile.open(fileobj=f, mode="w:gz" if out.name.endswith((".gz", ".tgz")) else "w") as tar:
-            tar.add(directory, arcname=top, recursive=False)
-            for path, name in members:
-                tar.add(path, arcname=f"{top}/{name}", recursive=False)
-            if signature is not None:
-                info = tarfile.TarInfo(f"{top}/{runtime.SIGNATURE}")
-                info.size, info.mode, info.mtime = len(signature), 0o644, int(time.time())
-                tar.addfile(info, io.BytesIO(signature))
+            top_dir = tarfile.TarInfo(top)
+            top_dir.type, top_dir.mode, top_dir.mtime = tarfile.DIRTYPE, 0o755, int(time.time())
+            tar.addfile(top_dir)
+            for member, name in members:
+                if isinstance(member, bytes):
+                    info = tarfile.TarInfo(f"{top}/{name}")
+                    info.size, info.mode, info.mtime = len(member), 0o644, int(time.time())
+                    tar.addfile(info, io.BytesIO(member))
+                else:
+                    tar.add(member, arcname=f"{top}/{name}", recursive=False)
         os.chmod(partial, 0o644)  # mkstemp makes it 0600
         os.replace(partial, out)
     finally:

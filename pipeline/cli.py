@@ -234,13 +234,21 @@ def board_options(what: str, required: bool = False):
 
 
 @cli.command("tune")
-@model_option
+@click.option("--model", "model_name", default=None, metavar="NAME", callback=_validated(_model_cfg),
+              help="Model variant (see `list-models`); not needed with --import-results.")
 @target_option()
+@click.option("--cuda-arch", default=None, metavar="sm_XY", help="GPU architecture for the generic `cuda` target.")
 @click.option("--trials", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Measured candidates wanted per task; tasks that have them already are skipped.")
+              help="Measured candidates wanted for the task with the largest share of the model's time; the others "
+                   "get theirs in proportion, tasks under 1 % none. Tasks that have them already are skipped.")
 @click.option("--time-budget", type=click.FloatRange(min=0, min_open=True), default=None, metavar="MIN",
               help="Start no new measurement after MIN minutes (the ones in flight finish and are saved).")
 @board_options("Measure candidates")
+@click.option("--export-candidates", "export_to", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              metavar="FILE.tar", help="Measure nothing here: build the next round's candidates into FILE.tar for a "
+                                       "board to time (tar xf FILE.tar && python3 FILE/time_candidates.py).")
+@click.option("--import-results", "results", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
+              metavar="FILE", help="Add a board's results of an exported batch to the database.")
 @click.option("--db", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Database directory. Default: the target's under $PIPELINE_CACHE_DIR (~/.cache/pipeline)/tuning, "
                    "the one `compile` applies.")
@@ -249,39 +257,73 @@ def board_options(what: str, required: bool = False):
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Batch size, as compiled.")
 @click.option("--fp16", is_flag=True, help="Tune the float16 build (`compile --fp16`).")
 @reports_errors("interrupted; the records measured so far are saved: run the same command again to continue")
-def tune_cmd(model_name: str, target_name: str, trials: int, time_budget: float | None, board: Board | None,
-             timeout: float, db: Path | None, task_pattern: str, batch: int, fp16: bool) -> None:
+def tune_cmd(model_name: str | None, target_name: str, cuda_arch: str | None, trials: int, time_budget: float | None,
+             board: Board | None, timeout: float, export_to: Path | None, results: Path | None, db: Path | None,
+             task_pattern: str, batch: int, fp16: bool) -> None:
     """Tune the model's fused TIR functions with MetaSchedule; `compile` applies the records.
 
     Resumable: records are saved after every measured batch, so running the command again continues.
+    Offline, for a board this host cannot reach: --export-candidates, time the batch there, --import-results.
     """
-    from .tune import tune_model
+    from .tune import export_model, import_results, tune_model
 
+    if sum(x is not None for x in (board, export_to, results)) > 1:
+        raise click.UsageError("give one of --device / --rpc-tracker, --export-candidates and --import-results")
+    if results is not None:
+        report = import_results(BuildSpec(model=model_name or "", target=target_name, cuda_arch=cuda_arch), results, db)
+        error = f" (first error: {report.first_error})" if report.first_error else ""
+        stdout.print(f"imported batch {report.batch_id}: {report.records} records ({report.valid} valid), "
+                     f"{report.defaults} default schedule(s) timed{error}", highlight=False, soft_wrap=True)
+        return
+    if model_name is None:
+        raise click.UsageError("Missing option '--model'")
+    spec = BuildSpec(model=model_name, target=target_name, batch=batch, fp16=fp16, cuda_arch=cuda_arch)
+    if export_to is not None:
+        exported = export_model(spec, export_to, trials=trials, db=db, task_pattern=task_pattern)
+        _print_task_statuses(exported.tasks)
+        failed = f", {exported.build_failures} did not build (first error: {exported.first_error})" \
+            if exported.build_failures else ""
+        stdout.print(f"exported batch {exported.batch_id}: {exported.candidates} candidate(s) and {exported.defaults} "
+                     f"default schedule(s){failed}: {exported.batch}; on the board: tar xf {exported.batch.name} && "
+                     f"python3 {exported.batch.name.split('.tar')[0]}/time_candidates.py, then tune --import-results",
+                     highlight=False, soft_wrap=True)
+        return
     progress = TuneProgress()
     try:
-        report = tune_model(BuildSpec(model=model_name, target=target_name, batch=batch, fp16=fp16), trials=trials,
-                            db=db, time_budget_s=None if time_budget is None else 60 * time_budget, board=board,
-                            timeout=timeout, task_pattern=task_pattern, listener=progress)
+        report = tune_model(spec, trials=trials, db=db, time_budget_s=None if time_budget is None else 60 * time_budget,
+                            board=board, timeout=timeout, task_pattern=task_pattern, listener=progress)
     finally:
         progress.stop()
     for line in report.repairs:
         console.print(f"  [yellow]repaired:[/yellow] {line}", highlight=False, soft_wrap=True)
-    for status, label in (("hand-scheduled", "hand-scheduled, not tuned"), ("tuned already", "tuned already (skipped)"),
-                          ("search space exhausted", "every candidate measured (fewer than --trials)")):
-        names = [t.name for t in report.tasks if t.status == status]
-        if names:
-            console.print(f"  {label}: {', '.join(names)}", highlight=False, soft_wrap=True)
+    _print_task_statuses(report.tasks)
     failed = [t.name for t in report.tasks if t.new_trials and t.best_us is None]
     if failed:
         console.print(f"  [yellow]no valid record for:[/yellow] {', '.join(failed)} "
                       f"(first error: {report.first_error})", highlight=False, soft_wrap=True)
     if report.stopped_by_time_budget:
         console.print("  time budget reached: run the same command again to continue", highlight=False)
+    applied = [t.name for t in report.tasks if t.record_applies]
+    kept = [t.name for t in report.tasks if not t.record_applies and t.best_us is not None]
+    console.print(f"  compile applies records to {len(applied)} function(s){': ' + ', '.join(applied) if applied else ''}"
+                  f"{'; keeps the faster default schedule of: ' + ', '.join(kept) if kept else ''}",
+                  highlight=False, soft_wrap=True)
     estimate = report.estimated_latency_us
     tuned = sum(1 for t in report.tasks if t.new_trials)
     stdout.print(f"tuned {tuned} task(s): {report.new_records} new records ({report.new_valid} valid) in "
                  f"{report.seconds:.0f} s; estimated {'-' if estimate is None else _microseconds(estimate)}; "
                  f"database {report.database}", highlight=False, soft_wrap=True)
+
+
+def _print_task_statuses(tasks) -> None:
+    for status, label in (("hand-scheduled", "hand-scheduled, not tuned"),
+                          ("negligible", "under 1 % of the model's estimated time, not tuned"),
+                          ("tuned already", "tuned already (skipped)"),
+                          ("search space exhausted", "every candidate measured (fewer than --trials)")):
+        names = [f"{t.name} ({100 * t.share:.2g} %)" if status == "negligible" else t.name
+                 for t in tasks if t.status == status]
+        if names:
+            console.print(f"  {label}: {', '.join(names)}", highlight=False, soft_wrap=True)
 
 
 @cli.command("package")

@@ -122,6 +122,22 @@ def _save(path: Path, arrays: list[np.ndarray]) -> None:
     np.savez(path, *[np.asarray(a) for a in arrays])  # not ascontiguousarray: it turns 0-d into 1-d
 
 
+def run_python_emulated(args: list[str], cwd: Path, root: Path | str | None = None, *,
+                        timeout: float = DEFAULT_TIMEOUT_S, what: str = "script") -> subprocess.CompletedProcess:
+    """``python3 ARGS`` in the emulated aarch64 Python (numpy and the TVM runtime importable), in ``cwd``.
+    EmulatorUnavailable (not set up) or EmulationError (it failed, or exceeded ``timeout``)."""
+    emu = find_emulator(root)
+    try:
+        proc = subprocess.run(emu.command(*args), env=emu.env(), cwd=cwd, capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        raise EmulationError(f"emulated run of {what} exceeded {timeout:g} s (qemu killed)") from e
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-20:])
+        raise EmulationError(f"emulated run of {what} failed (exit {proc.returncode}):\n{tail}")
+    return proc
+
+
 def run_library_emulated(lib_path: Path | str, params: dict[str, np.ndarray], inputs: dict[str, np.ndarray],
                          output_names: tuple[str, ...] | list[str], root: Path | str | None = None, *,
                          timeout: float = DEFAULT_TIMEOUT_S, timings: dict[str, float] | None = None,
@@ -140,7 +156,7 @@ def run_library_emulated(lib_path: Path | str, params: dict[str, np.ndarray], in
         raise EmulationError(f"cannot run {lib_path}: {e}") from e
     if machine != elf.EM_AARCH64:
         raise EmulationError(f"{lib_path} is not an aarch64 library (ELF e_machine {machine}, want {elf.EM_AARCH64})")
-    emu = find_emulator(root)
+    find_emulator(root)  # before any work
     output_names = tuple(output_names)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="pipeline-emu-") as tmp:
@@ -151,14 +167,7 @@ def run_library_emulated(lib_path: Path | str, params: dict[str, np.ndarray], in
         }))
         _save(work / "params.npz", list(params.values()))
         _save(work / "inputs.npz", list(inputs.values()))
-        cmd = emu.command("-c", _WORKER, str(work))
-        try:
-            proc = subprocess.run(cmd, env=emu.env(), cwd=work, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired as e:
-            raise EmulationError(f"emulated run of {lib_path.name} exceeded {timeout:g} s (qemu killed)") from e
-        if proc.returncode != 0:
-            tail = "\n".join(proc.stderr.strip().splitlines()[-20:])
-            raise EmulationError(f"emulated run of {lib_path.name} failed (exit {proc.returncode}):\n{tail}")
+        run_python_emulated(["-c", _WORKER, str(work)], work, root, timeout=timeout, what=lib_path.name)
         with np.load(work / "outputs.npz", allow_pickle=False) as z:
             outputs = {name: z[f"arr_{i}"] for i, name in enumerate(output_names)}
         measured = json.loads((work / "timing.json").read_text())

@@ -14,6 +14,7 @@ SETUP_SCRIPT = "scripts/setup_aarch64_runtime.sh"  # prepares aarch64_root() and
 CACHE_ENV = "PIPELINE_CACHE_DIR"
 AARCH64_ENV = "PIPELINE_AARCH64_ROOT"
 ZIG_ENV = "PIPELINE_ZIG_CACHE_DIR"
+SHIPPED_ENV = "PIPELINE_SHIPPED_RECORDS"  # another directory of shipped records (the tests point it at their own)
 
 
 def cache_root() -> Path:
@@ -28,6 +29,13 @@ def _own_or_cache(env: str, name: str) -> Path:
 def tuning_dir() -> Path:
     """Tuning databases, one directory per target (pipeline.tuning.database)."""
     return cache_root() / "tuning"
+
+
+def shipped_records_dir() -> Path:
+    """The tuning records this repository ships, one directory per target class (pipeline.tuning.apply);
+    not a cache: kept in the repository, read-only."""
+    default = Path(__file__).resolve().parent.parent / "tvm_schedules" / "records"
+    return Path(os.environ[SHIPPED_ENV]).expanduser() if os.environ.get(SHIPPED_ENV) else default
 
 
 def cuda_stub_dir() -> Path:

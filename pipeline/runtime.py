@@ -361,10 +361,11 @@ DEVICE_RUNTIME_HINT = {
                           "and an NVIDIA driver for CUDA 13; with an older CUDA, build TVM's runtime against it")
 
 
-def load_vm(lib_path: Path, device: str) -> tuple[VirtualMachine, tvm.runtime.Device]:
+def open_device(device: str) -> tvm.runtime.Device:
+    """The TVM runtime's ``device`` ("cpu", "cuda") here; RuntimeUnavailable when this runtime has no support
+    for it or finds no such device."""
     try:
         import tvm
-        from tvm.runtime.vm import VirtualMachine
     except ImportError as e:
         raise RuntimeUnavailable(f"cannot import TVM's runtime ({e}); install it (see docs/deploy.md)") from None
     if not tvm.runtime.enabled(device):
@@ -376,16 +377,33 @@ def load_vm(lib_path: Path, device: str) -> tuple[VirtualMachine, tvm.runtime.De
     dev = tvm.runtime.device(device)
     if not dev.exist:
         raise RuntimeUnavailable(f"no {device} device found by the TVM runtime on this machine")
+    return dev
+
+
+def cuda_arch(compute_version: str) -> str:
+    """A device's compute capability ("8.7", as TVM reports it) as the arch CUDA code is compiled for ("sm_87")."""
+    return "sm_" + compute_version.replace(".", "")
+
+
+def load_module(lib_path: Path) -> tvm.runtime.Module:
+    import tvm
+
     built_for, here = elf_arch(lib_path), platform.machine()
     if built_for not in (here, None):  # dlopen would say "cannot open shared object file", which misleads
         raise RuntimeUnavailable(f"{lib_path} is an {built_for} library and this machine is {here}; "
                                  "run it on the board it was compiled for, or compile for this machine")
     try:
-        module = tvm.runtime.load_module(str(lib_path))
+        return tvm.runtime.load_module(str(lib_path))
     except RuntimeError as e:
         reason = str(e).strip().splitlines()[-1]
         raise RuntimeUnavailable(f"cannot load {lib_path} here ({reason}); was it compiled for this machine?") from None
-    return VirtualMachine(module, dev), dev
+
+
+def load_vm(lib_path: Path, device: str) -> tuple[VirtualMachine, tvm.runtime.Device]:
+    dev = open_device(device)
+    from tvm.runtime.vm import VirtualMachine
+
+    return VirtualMachine(load_module(lib_path), dev), dev
 
 
 ELF_ARCHS = {62: "x86_64", 183: "aarch64"}  # e_machine -> the architecture as LLVM triples and uname spell it

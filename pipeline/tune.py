@@ -6,12 +6,20 @@ model that has it. Hand-scheduled functions (our CycleFC kernel) are listed but 
 schedule is timed first, so that ``compile`` applies only records that beat it. Records go to the target's
 database (pipeline.tuning.database: resumable, shared between processes); candidates are built and measured by
 pipeline.tuning.measure.
+
+Trials go where the time is: each task's share of the model's time is estimated (its default schedule's
+measured time, else its FLOPs, times its calls); a task under ``NEGLIGIBLE_SHARE`` is skipped, the others get
+``--trials`` in proportion to their share (the largest share gets all of them, every task at least one).
+
+Offline (``export_candidates`` / ``import_results``, pipeline.tuning.offline): the same tasks and search, but
+the candidates are built into a batch file that a board times alone; its results go into the same database.
 """
 from __future__ import annotations
 
 import contextlib
 import fnmatch
 import logging
+import math
 import os
 import shutil
 import signal
@@ -26,6 +34,8 @@ import tvm
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+from tvm.s_tir.analysis import estimate_tir_flops
+from tvm.s_tir.meta_schedule.database import TuningRecord
 from tvm.s_tir.meta_schedule.task_scheduler import PyTaskScheduler
 
 from targets import TargetSpec
@@ -34,12 +44,20 @@ from .errors import PipelineError
 from .run import front_end, untimed
 from .spec import Board, BuildSpec, resolve_target
 from .stages.optimize import apply_default_schedules, lower
-from .tuning.database import TRIALS_PER_BATCH, TuningDatabase, database_dir, mean_secs, open_database
-from .tuning.measure import RPC_SESSION_TIMEOUT_S, TuningUnsupported, builder_and_runner, first_line, only_own_tensor_intrinsics
+from .tuning import offline
+from .tuning.database import (FAILED_RUN_S, TRIALS_PER_BATCH, TuningDatabase, database_dir, mean_secs,
+                              open_database)
+from .tuning.measure import (RPC_SESSION_TIMEOUT_S, TuningUnsupported, builder_and_runner, candidate_builder, first_line,
+                             only_own_tensor_intrinsics)
 from .tvm_targets import to_tvm_target
 
 
 log = logging.getLogger(__name__)
+
+
+# A task under this share of the selected tasks' estimated time is not tuned: at 1 %, even a record twice as
+# fast as its default saves the model 0.5 % (test_mixer: 10 of its 15 tasks are reshapes and transposes).
+NEGLIGIBLE_SHARE = 0.01
 
 
 class TuningFailed(PipelineError):
@@ -89,9 +107,10 @@ class TaskState:
     valid: int  # valid records in the database when this run started
     best_us: float | None  # best valid record so far
     default_us: float | None  # its default schedule, when measured
-    status: str  # hand-scheduled, tuned already, queued, tuning, done, stopped, search space exhausted
+    status: str  # hand-scheduled, negligible, tuned already, queued, tuning, done, stopped, search space exhausted
     new_trials: int = 0  # measured by this run, valid or not
     new_valid: int = 0
+    share: float | None = None  # estimated share of the selected tasks' time in the model (see allocate_trials)
 
     @property
     def trials(self) -> int:
@@ -104,6 +123,11 @@ class TaskState:
         """What a compile runs: the best record, or the default schedule where that is faster."""
         known = [us for us in (self.best_us, self.default_us) if us is not None]
         return min(known) if known else None
+
+    @property
+    def record_applies(self) -> bool:
+        """Whether ``compile`` applies this task's best record (pipeline.tuning.apply's rule)."""
+        return self.best_us is not None and (self.default_us is None or self.best_us < self.default_us)
 
 
 TuneListener = Callable[[list[TaskState]], None]
@@ -127,10 +151,21 @@ class TuneReport:
         return sum(parts) if parts else None
 
 
+def _untuned_schedule(mod: tvm.IRModule, target: TargetSpec) -> tvm.IRModule:
+    """``mod`` as an untuned build schedules it: ``stages.optimize``'s default schedules (CPU), or, for a GPU
+    target, the dlight rules of TVM's own CUDA pipeline (its legalization's last pass), which the build runs."""
+    if target.cuda is None:
+        return apply_default_schedules(mod, target)[0]
+    from tvm.relax.backend.cuda.pipeline import legalize_passes
+
+    tvm_target = to_tvm_target(target)
+    with tvm_target:
+        return legalize_passes(tvm_target)[-1](mod)
+
+
 def _default_schedules(tasks: list[Task], target: TargetSpec) -> list[tuple[Task, tvm.IRModule]]:
-    """Each task's workload as an untuned build schedules it (``stages.optimize``'s default schedules),
-    for the tasks that have one."""
-    scheduled = [(task, apply_default_schedules(task.mod, target)[0]) for task in tasks]
+    """Each task's workload as an untuned build schedules it, for the tasks that have a default schedule."""
+    scheduled = [(task, _untuned_schedule(task.mod, target)) for task in tasks]
     return [(task, mod) for task, mod in scheduled if is_scheduled(mod["main"])]
 
 
@@ -257,19 +292,23 @@ def _stop_on_interrupt(stop: _Stop) -> Iterator[None]:
         raise KeyboardInterrupt
 
 
-def _search(tasks: list[Task], states: list[TaskState], target: TargetSpec, database: TuningDatabase, builder,
-            runner, progress: _Progress, stop: _Stop, seed: int | None) -> None:
-    """MetaSchedule's evolutionary search on ``tasks`` until each state has its goal (or ``stop``)."""
-    tvm_target = to_tvm_target(target)
-    missing = [state.goal - state.trials for state in states]
-    per_batch = min(TRIALS_PER_BATCH, max(missing))
+def _search_context(task: Task, target: TargetSpec, per_batch: int, seed: int | None) -> ms.TuneContext:
+    """MetaSchedule's tuning context for ``task``: evolutionary search over the post-order-apply design space."""
     # A small batch needs no 512-candidate population per search round (MetaSchedule's default,
     # sized for 64 per round): it would dominate tiny tunes.
     population = min(512, 64 * per_batch)
-    contexts = [ms.TuneContext(mod=task.mod, target=tvm_target, space_generator="post-order-apply",
-                               search_strategy=ms.search_strategy.EvolutionarySearch(population_size=population),
-                               task_name=task.name, num_threads=os.cpu_count() or 1,
-                               rand_state=-1 if seed is None else seed + i).clone()
+    return ms.TuneContext(mod=task.mod, target=to_tvm_target(target), space_generator="post-order-apply",
+                          search_strategy=ms.search_strategy.EvolutionarySearch(population_size=population),
+                          task_name=task.name, num_threads=os.cpu_count() or 1,
+                          rand_state=-1 if seed is None else seed).clone()
+
+
+def _search(tasks: list[Task], states: list[TaskState], target: TargetSpec, database: TuningDatabase, builder,
+            runner, progress: _Progress, stop: _Stop, seed: int | None) -> None:
+    """MetaSchedule's evolutionary search on ``tasks`` until each state has its goal (or ``stop``)."""
+    missing = [state.goal - state.trials for state in states]
+    per_batch = min(TRIALS_PER_BATCH, max(missing))
+    contexts = [_search_context(task, target, per_batch, None if seed is None else seed + i)
                 for i, task in enumerate(tasks)]
     with tempfile.TemporaryDirectory(prefix="pipeline-tune-") as work_dir:  # MetaSchedule wants one
         ms.tune_tasks(tasks=contexts, task_weights=[float(task.weight) for task in tasks], work_dir=work_dir,
@@ -279,52 +318,84 @@ def _search(tasks: list[Task], states: list[TaskState], target: TargetSpec, data
                       task_scheduler=_RoundRobin(states, stop))
 
 
-def tune(mod: tvm.IRModule, target: TargetSpec, database: TuningDatabase, *, trials: int,
-         time_budget_s: float | None = None, board: Board | None = None, timeout: float = RPC_SESSION_TIMEOUT_S,
-         task_pattern: str = "*",
-         listener: TuneListener = lambda _states: None, seed: int | None = None) -> TuneReport:
-    """Tune ``mod``'s tasks until each has ``trials`` valid records in ``database``.
-
-    Each task's default schedule is timed first (once per workload). A run measures at most the
-    records a task lacks; ``time_budget_s`` stops starting new batches; Ctrl-C too, then raises
-    KeyboardInterrupt. Raises TuningFailed when candidates were measured but none built and ran.
-    """
-    start = time.monotonic()
+def _select(mod: tvm.IRModule, target: TargetSpec, database: TuningDatabase,
+            task_pattern: str) -> tuple[list[Task], list[TaskState]]:
+    """The tasks matching ``task_pattern`` and their states as the database has them (goals not set yet)."""
     tasks = [t for t in extract_tasks(mod, target) if fnmatch.fnmatchcase(t.name, task_pattern)]
     if all(t.hand_scheduled for t in tasks):
         raise TuningUnsupported(f"no task to tune matches --tasks {task_pattern!r}")
     states = []
     for task in tasks:
         stats = database.stats(task.mod)
-        status = ("hand-scheduled" if task.hand_scheduled else
-                  "tuned already" if stats.valid >= trials or stats.exhausted else "queued")
-        states.append(TaskState(task.name, task.workload, task.weight, 0 if task.hand_scheduled else trials,
-                                stats.valid, _us(stats.best_secs), _us(stats.default_secs), status))
-    todo = [i for i, state in enumerate(states) if state.status == "queued"]
-    untimed_tasks = [task for task, state in zip(tasks, states) if state.goal and state.default_us is None]
+        states.append(TaskState(task.name, task.workload, task.weight, 0, stats.valid, _us(stats.best_secs),
+                                _us(stats.default_secs), "hand-scheduled" if task.hand_scheduled else "queued"))
+    return tasks, states
+
+
+def allocate_trials(tasks: list[Task], states: list[TaskState], trials: int, database: TuningDatabase) -> None:
+    """Each tunable task's share of the time, goal and status: ``trials`` for the largest share, the others in
+    proportion (at least 1), none under NEGLIGIBLE_SHARE ("negligible").
+
+    The share is of weight x default-schedule time when every selected task's default was measured, else of
+    weight x FLOPs (an estimate: injective copies count as nothing)."""
+    tunable = [(task, state) for task, state in zip(tasks, states) if not task.hand_scheduled]
+    measured = all(state.default_us is not None for _, state in tunable)
+    costs = [state.weight * (state.default_us if measured else float(estimate_tir_flops(task.mod)))
+             for task, state in tunable]
+    total = sum(costs)
+    shares = [cost / total if total > 0 else 1 / len(costs) for cost in costs]
+    for (task, state), share in zip(tunable, shares):
+        state.share = share
+        if share < NEGLIGIBLE_SHARE:
+            state.goal, state.status = 0, "negligible"
+            continue
+        state.goal = max(1, math.ceil(trials * share / max(shares)))
+        done = state.valid >= state.goal or database.stats(task.mod).exhausted
+        state.status = "tuned already" if done else "queued"
+
+
+def tune(mod: tvm.IRModule, target: TargetSpec, database: TuningDatabase, *, trials: int,
+         time_budget_s: float | None = None, board: Board | None = None, timeout: float = RPC_SESSION_TIMEOUT_S,
+         task_pattern: str = "*",
+         listener: TuneListener = lambda _states: None, seed: int | None = None) -> TuneReport:
+    """Tune ``mod``'s tasks until each has its goal of valid records in ``database`` (``allocate_trials``).
+
+    Each task's default schedule is timed first (once per workload). A run measures at most the
+    records a task lacks; ``time_budget_s`` stops starting new batches; Ctrl-C too, then raises
+    KeyboardInterrupt. Raises TuningFailed when candidates were measured but none built and ran.
+    """
+    start = time.monotonic()
+    tasks, states = _select(mod, target, database, task_pattern)
+    untimed_tasks = [task for task, state in zip(tasks, states) if not task.hand_scheduled and state.default_us is None]
     defaults = _default_schedules(untimed_tasks, target)  # timed once per workload, tuned or not
-    progress = _Progress([states[i] for i in todo], listener)
+    # The goals are known only once the defaults are timed; no task can want more than `trials`.
+    work = bool(defaults) or any(not task.hand_scheduled and state.valid < trials and not database.stats(task.mod).exhausted
+                                 for task, state in zip(tasks, states))
     stop = _Stop(deadline=None if time_budget_s is None else start + time_budget_s)
-    if todo or defaults:
-        builder, runner = builder_and_runner(target, board, timeout)  # fails fast: target, tracker
-    listener(states)
-    if todo or defaults:
-        with only_own_tensor_intrinsics(to_tvm_target(target)), _stop_on_interrupt(stop):
+    if work:
+        builder, runner = builder_and_runner(target, board, timeout)  # fails fast: target, tracker, GPU
+    intrinsics = only_own_tensor_intrinsics(to_tvm_target(target)) if work else contextlib.nullcontext()
+    with intrinsics, _stop_on_interrupt(stop):
+        if defaults:
             _measure_defaults(defaults, target, database, builder, runner)
             for task, state in zip(tasks, states):
                 state.default_us = _us(database.stats(task.mod).default_secs)
-            if todo:
-                _search([tasks[i] for i in todo], [states[i] for i in todo], target, database, builder, runner,
-                        progress, stop, seed)
-        for i in todo:
-            if states[i].trials >= trials:
-                states[i].status = "done"
-            elif stop.by_deadline:
-                states[i].status = "stopped"
-            else:  # MetaSchedule ended the task early: its search found no new candidate
-                states[i].status = "search space exhausted"
-                database.note(tasks[i].mod, "exhausted", True)
+        allocate_trials(tasks, states, trials, database)
         listener(states)
+        todo = [i for i, state in enumerate(states) if state.status == "queued"]
+        progress = _Progress([states[i] for i in todo], listener)
+        if todo:
+            _search([tasks[i] for i in todo], [states[i] for i in todo], target, database, builder, runner,
+                    progress, stop, seed)
+    for i in todo:
+        if states[i].trials >= states[i].goal:
+            states[i].status = "done"
+        elif stop.by_deadline:
+            states[i].status = "stopped"
+        else:  # MetaSchedule ended the task early: its search found no new candidate
+            states[i].status = "search space exhausted"
+            database.note(tasks[i].mod, "exhausted", True)
+    listener(states)
     new_trials = sum(state.new_trials for state in states)
     new_valid = sum(state.new_valid for state in states)
     if new_trials and not new_valid:
@@ -335,9 +406,103 @@ def tune(mod: tvm.IRModule, target: TargetSpec, database: TuningDatabase, *, tri
                       stopped_by_time_budget=stop.by_deadline, repairs=database.repairs)
 
 
+# ---- offline: a batch of candidates for a board this host cannot reach ---------------------------------------
+
+
+@dataclass
+class ExportReport:
+    batch: Path
+    batch_id: str
+    database: str
+    tasks: list[TaskState]
+    candidates: int  # search candidates in the batch
+    defaults: int  # default schedules in the batch (timed once per workload)
+    build_failures: int  # candidates that did not build: recorded as failed trials, not in the batch
+    first_error: str | None
+
+
+def _generate(task: Task, count: int, target: TargetSpec, database: TuningDatabase, seed: int | None) -> list:
+    """Up to ``count`` new candidates for ``task``: one round of MetaSchedule's evolutionary search, seeded with
+    the database's best records of the workload and a cost model trained on all its valid ones, as an online
+    tune continues."""
+    context = _search_context(task, target, count, seed)
+    cost_model = ms.CostModel.create("xgb", num_tuning_cores=os.cpu_count() or 1)
+    known = database.get_top_k(database.commit_workload(task.mod), 1 << 16)
+    if known:
+        cost_model.update(context, [r.as_measure_candidate() for r in known],
+                          [ms.runner.RunnerResult([float(s) for s in r.run_secs], None) for r in known])
+    context.pre_tuning(max_trials=count, num_trials_per_iter=count, design_spaces=context.generate_design_space(),
+                       database=database, cost_model=cost_model)
+    try:
+        return list(context.generate_measure_candidates() or [])
+    finally:
+        context.post_tuning()
+
+
+def export_candidates(mod: tvm.IRModule, target: TargetSpec, database: TuningDatabase, out: Path, *, trials: int,
+                      task_pattern: str = "*", seed: int | None = None) -> ExportReport:
+    """Build the candidates the next round of tuning would measure (and the default schedules not timed yet)
+    into the batch file ``out`` (pipeline.tuning.offline), for a board to time with the batch's
+    time_candidates.py; ``import_results`` reads its results back."""
+    tasks, states = _select(mod, target, database, task_pattern)
+    defaults = _default_schedules([task for task, state in zip(tasks, states)
+                                   if not task.hand_scheduled and state.default_us is None], target)
+    allocate_trials(tasks, states, trials, database)
+    todo = [(task, state) for task, state in zip(tasks, states) if state.status == "queued"]
+    tvm_target = to_tvm_target(target)
+    with only_own_tensor_intrinsics(tvm_target):
+        searched = [(task, c) for i, (task, state) in enumerate(todo)
+                    for c in _generate(task, state.goal - state.valid, target, database,
+                                       None if seed is None else seed + i)]
+        wanted = [(task.mod, c.sch.mod, list(c.args_info), c) for task, c in searched]
+        wanted += [(task.mod, sched, list(ms.arg_info.ArgInfo.from_entry_func(sched, remove_preproc=True)), None)
+                   for task, sched in defaults]
+        built = candidate_builder(target).build([ms.builder.BuilderInput(m, tvm_target) for _, m, _, _ in wanted])
+    candidates, failures, first_error = [], 0, None
+    for (workload, _, args_info, searched_candidate), result in zip(wanted, built):
+        record = None if searched_candidate is None else TuningRecord(
+            searched_candidate.sch.trace, database.commit_workload(workload), None, tvm_target, args_info)
+        if result.error_msg is None:
+            candidates.append(offline.Candidate(workload, result.artifact_path, args_info, record))
+            continue
+        failures += 1
+        first_error = first_error or first_line(result.error_msg)
+        if record is not None:  # a trial that failed, as MetaSchedule records one
+            database.commit_tuning_record(TuningRecord(record.trace, record.workload, [10 * FAILED_RUN_S],
+                                                       tvm_target, args_info))
+    if not candidates:
+        raise TuningFailed(f"nothing to export: {failures} candidate(s) failed to build (first error: {first_error})"
+                           if failures else "nothing to export: every selected task has its records "
+                           "(raise --trials to continue)")
+    try:
+        threads = int(tvm_target.host.attrs["num-cores"] if target.cuda else tvm_target.attrs["num-cores"])
+        batch_id = offline.write_batch(out, candidates, database, target.device,
+                                       target.cuda.arch if target.cuda else None, threads)
+    finally:
+        offline.remove_artifacts(candidates)
+    return ExportReport(out, batch_id, str(database.path), states,
+                        sum(c.record is not None for c in candidates), sum(c.record is None for c in candidates),
+                        failures, first_error)
+
+
+def _database(spec: BuildSpec, db: Path | None) -> tuple[TargetSpec, TuningDatabase]:
+    target = resolve_target(spec)
+    return target, open_database(db or database_dir(target))
+
+
 def tune_model(spec: BuildSpec, *, trials: int, db: Path | None = None, **options) -> TuneReport:
     """``tune`` the module ``compile`` builds for ``spec`` into ``db`` (default: the target's database, the one
     ``compile`` applies)."""
-    target = resolve_target(spec)
-    database = open_database(db or database_dir(target))
+    target, database = _database(spec, db)
     return tune(tuning_module(spec), target, database, trials=trials, **options)
+
+
+def export_model(spec: BuildSpec, out: Path, *, trials: int, db: Path | None = None, **options) -> ExportReport:
+    """``export_candidates`` of the module ``compile`` builds for ``spec``, from ``db`` (default: the target's)."""
+    target, database = _database(spec, db)
+    return export_candidates(tuning_module(spec), target, database, out, trials=trials, **options)
+
+
+def import_results(spec: BuildSpec, results: Path, db: Path | None = None) -> offline.ImportReport:
+    """Add a board's results of a batch exported for ``spec``'s target to ``db`` (default: the target's)."""
+    return offline.import_results(results, _database(spec, db)[1])

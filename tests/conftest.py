@@ -46,7 +46,7 @@ def compiled(tmp_path_factory):
 @pytest.fixture(autouse=True, scope="session")
 def isolated_cache(tmp_path_factory):
     """Tests must not pick up a developer's own caches (a tuning database above all): PIPELINE_CACHE_DIR is a
-    fresh directory. What scripts/setup_aarch64_runtime.sh prepared once for this machine (the emulated aarch64
+    fresh directory, and so is the directory of shipped tuning records. What scripts/setup_aarch64_runtime.sh prepared once for this machine (the emulated aarch64
     userland, zig's compiler cache) is kept, by pinning its own variable to where it is now."""
     from pipeline import paths
 
@@ -54,8 +54,24 @@ def isolated_cache(tmp_path_factory):
     mp.setenv(paths.AARCH64_ENV, str(paths.aarch64_root()))
     mp.setenv(paths.ZIG_ENV, str(paths.zig_cache_dir()))
     mp.setenv(paths.CACHE_ENV, str(tmp_path_factory.mktemp("pipeline-cache")))
+    mp.setenv(paths.SHIPPED_ENV, str(tmp_path_factory.mktemp("shipped-records")))  # none, unless a test adds some
     yield
     mp.undo()
+
+
+def assert_consistent(path: Path) -> int:
+    """The tuning database at ``path`` loads and every record's trace applies to the workload its line points at;
+    returns the number of records."""
+    import tvm
+    from pipeline.tuning.database import open_database
+
+    database = open_database(path)
+    assert database.unreplayable == 0  # a record written against the wrong workload line would not replay
+    records = database.get_all_tuning_records()
+    for record in records:
+        schedule = tvm.s_tir.Schedule(record.workload.mod)
+        record.trace.apply_to_schedule(schedule, remove_postproc=False)  # fails on another workload's trace
+    return len(records)
 
 
 # ---------------------------------------------------------------- toolchains the set-up script provides

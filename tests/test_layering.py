@@ -14,7 +14,8 @@ PACKAGES = ("models", "targets", "tvm_schedules", "pipeline")
 # Bottom first. A module imports only from its own layer or the ones below; the longest matching prefix places it.
 LAYERS = (
     # data and the stand-alone board runner: no compiler, no pipeline above them
-    ("models", "targets", "pipeline.paths", "pipeline.version", "pipeline.runtime", "pipeline.toolchain.elf",
+    ("models", "targets", "pipeline.paths", "pipeline.version", "pipeline.runtime", "pipeline.time_candidates",
+     "pipeline.toolchain.elf",
      "pipeline.toolchain.cuda_toolchains"),
     # our TVM kernels and passes; errors, what is asked (spec), TVM targets; build-host toolchains
     ("tvm_schedules", "pipeline.errors", "pipeline.spec", "pipeline.tvm_targets", "pipeline.toolchain"),
@@ -36,6 +37,7 @@ ALLOWED_THIRD_PARTY = {
     "pipeline.toolchain.elf": set(),
     "pipeline.toolchain.cuda_toolchains": set(),
     "pipeline.runtime": {"numpy", "tvm", "cryptography"},  # ships alone as run.py; cryptography: signatures only
+    "pipeline.time_candidates": {"numpy", "tvm", "runtime"},  # ships in a batch of candidates, runtime.py beside it
 }
 STDLIB = frozenset(__import__("sys").stdlib_module_names)
 

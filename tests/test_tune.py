@@ -17,13 +17,14 @@ import pytest
 import tvm
 
 import targets
-from conftest import free_port, kill_group
+from conftest import assert_consistent, free_port, kill_group
 from pipeline import paths
 from pipeline.run import compile_model
 from pipeline.spec import Board, BuildSpec
 from pipeline.stages.optimize import lower_to_fused_tir
 from pipeline.tune import extract_tasks, tune, tuning_module
-from pipeline.tuning.database import NOTES, RECORDS, WORKLOADS, TuningDatabaseCorrupt, database_dir, open_database
+from pipeline.tuning.database import (NOTES, RECORDS, WORKLOADS, TuningDatabaseCorrupt, database_dir, open_database,
+                                     shipped_dir)
 from pipeline.tuning.measure import RpcUnavailable, TuningUnsupported, check_tracker, local_runner
 
 X86 = targets.get_target("x86")
@@ -33,17 +34,6 @@ TIMEOUT_S = 240
 def tune_cli(*args: str, env: dict | None = None, prefix: tuple[str, ...] = ("-m", "pipeline")):
     return subprocess.run([sys.executable, *prefix, "tune", "--model", "test_mixer", *args], capture_output=True,
                           text=True, encoding="utf-8", env={**os.environ, **(env or {})}, timeout=TIMEOUT_S)
-
-
-def assert_consistent(path: Path) -> int:
-    """The database loads and every record's trace applies to the workload its line points at."""
-    database = open_database(path)
-    assert database.unreplayable == 0  # a record written against the wrong workload line would not replay
-    records = database.get_all_tuning_records()
-    for record in records:
-        schedule = tvm.s_tir.Schedule(record.workload.mod)
-        record.trace.apply_to_schedule(schedule, remove_postproc=False)  # fails on another workload's trace
-    return len(records)
 
 
 def valid_records(path: Path, mod: tvm.IRModule, name: str) -> int:
@@ -105,6 +95,8 @@ def test_tune_writes_the_targets_database(tuned, monkeypatch):
     assert f"database {path}" in rerun.stdout and "estimated" in rerun.stdout
     # progress: each task's trials, best time and its default schedule's time
     assert all(f"{name[:28]:28} ×2" in rerun.stderr for name in TASKS) and "µs (default" in rerun.stderr
+    # and what compile will make of the records: applied where they beat the default schedule
+    assert "compile applies records to " in rerun.stderr
 
 
 def test_a_workload_tuned_for_one_model_serves_another(tuned, mixer):
@@ -146,7 +138,8 @@ def test_compile_without_a_database_applies_nothing(monkeypatch, tmp_path, mixer
     monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_path))
     from pipeline.tuning.apply import apply_records
     applied, report = apply_records(mixer, X86)
-    assert report == {"database": str(database_dir(X86)), "records_applied": 0, "functions": {}, "default_faster": {}}
+    assert report == {"database": str(database_dir(X86)), "shipped": str(shipped_dir(X86)), "records_applied": 0,
+                      "functions": {}, "default_faster": {}}
     assert applied.same_as(mixer) and not (tmp_path / "tuning").exists()
 
 
@@ -309,3 +302,46 @@ def test_records_tuned_in_one_model_replay_and_apply_in_another(tmp_path, monkey
         f.write('[0,"default_secs",1.0]\n')  # so that the record, not the default schedule, is compiled in
     _, manifest = compile_model(BuildSpec(model="test_resmlp", target="x86"), tmp_path / "art")
     assert "mean" in manifest["tuning"]["functions"] and manifest["verify"]["passed"]
+
+
+def test_trials_go_where_the_time_is(mixer, tmp_path):
+    # Measured default times (weight 1 each): the largest share gets --trials, the others in proportion, a task
+    # under 1 % of the selected tasks' time none.
+    from pipeline.tune import NEGLIGIBLE_SHARE, TaskState, allocate_trials
+
+    tasks = [t for t in extract_tasks(mixer, X86) if not t.hand_scheduled][:3]
+    states = [TaskState(t.name, t.workload, 1, 0, 0, None, us, "queued") for t, us in zip(tasks, (100.0, 50.0, 0.5))]
+    allocate_trials(tasks, states, 8, open_database(tmp_path / "db"))
+    assert [s.goal for s in states] == [8, 4, 0] and [s.status for s in states] == ["queued", "queued", "negligible"]
+    assert states[2].share < NEGLIGIBLE_SHARE and abs(sum(s.share for s in states) - 1) < 1e-9
+    # Nothing measured yet: FLOPs x calls estimate the shares; reshapes and transposes (no FLOPs) are skipped.
+    tasks = [t for t in extract_tasks(mixer, X86) if not t.hand_scheduled]
+    states = [TaskState(t.name, t.workload, t.weight, 0, 0, None, None, "queued") for t in tasks]
+    allocate_trials(tasks, states, 8, open_database(tmp_path / "db"))
+    skipped = {s.name for s in states if s.status == "negligible"}
+    assert any(name.startswith(("reshape", "transpose")) for name in skipped)
+    assert max(s.goal for s in states) == 8 and all((s.goal > 0) == (s.share >= NEGLIGIBLE_SHARE) for s in states)
+    assert {"fused_conv2d_add", "fused_matmul2_add6"} <= {s.name for s in states if s.status == "queued"}
+
+
+def test_shipped_records_apply_and_the_users_own_win(tuned, monkeypatch, tmp_path):
+    from pipeline import paths
+    from pipeline.tuning.apply import USER
+
+    monkeypatch.setenv(paths.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(paths.SHIPPED_ENV, str(tmp_path / "shipped"))
+    tuned_db = next((tuned[0] / "tuning").iterdir())
+    shutil.copytree(tuned_db, shipped_dir(X86), ignore=shutil.ignore_patterns(".lock"))
+    with open(shipped_dir(X86) / NOTES, "a") as f:  # the shipped records beat their defaults
+        f.write('[0,"default_secs",1.0]\n[1,"default_secs",1.0]\n')
+    shipped = f"shipped: {shipped_dir(X86).name}"
+    _, manifest = compile_model(BuildSpec(model="test_mixer", target="x86"), tmp_path / "shipped-only")
+    assert {name: f["source"] for name, f in manifest["tuning"]["functions"].items()} == dict.fromkeys(TASKS, shipped)
+    assert manifest["verify"]["passed"] and not (shipped_dir(X86) / ".lock").exists()  # never written
+    # The user's database: the same record for workload 0 (a tie: the user's wins), none that beats the default of
+    # workload 1 (the shipped one applies there).
+    shutil.copytree(tuned_db, database_dir(X86))
+    with open(database_dir(X86) / NOTES, "a") as f:
+        f.write('[0,"default_secs",1.0]\n[1,"default_secs",1e-12]\n')
+    _, manifest = compile_model(BuildSpec(model="test_mixer", target="x86"), tmp_path / "both")
+    assert sorted(f["source"] for f in manifest["tuning"]["functions"].values()) == sorted([USER, shipped])

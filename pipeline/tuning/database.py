@@ -66,14 +66,25 @@ class TuningDatabaseCorrupt(TuningDatabaseError):
     """A line of the tuning database does not parse; it is never used."""
 
 
-def database_dir(target: TargetSpec) -> Path:
-    """The target's database: ``<cache>/tuning/<target name>-<hash of the TVM target and TVM version>``.
+def database_key(target: TargetSpec) -> str:
+    """``<target name>-<hash of the TVM target and TVM version>``: what makes a record valid.
 
-    Records measured for one TVM target (CPU, core count, features) never apply to another, and a
-    TVM upgrade starts a fresh database.
+    Records measured for one TVM target (CPU, core count, features; GPU arch) never apply to another,
+    and a TVM upgrade starts afresh.
     """
     key = hashlib.sha256(f"{to_tvm_target(target)}|tvm {tvm.__version__}".encode()).hexdigest()[:12]
-    return paths.tuning_dir() / f"{target.name}-{key}"
+    return f"{target.name}-{key}"
+
+
+def database_dir(target: TargetSpec) -> Path:
+    """The target's database: ``<cache>/tuning/<database_key>``."""
+    return paths.tuning_dir() / database_key(target)
+
+
+def shipped_dir(target: TargetSpec) -> Path:
+    """Where this repository ships tuned records for the target's class: ``tvm_schedules/records/<database_key>``
+    (read-only; it need not exist)."""
+    return paths.shipped_records_dir() / database_key(target)
 
 
 def _is_valid(record: TuningRecord) -> bool:
@@ -121,9 +132,10 @@ class TuningDatabase(PyDatabase):
     rebuilt from. Every write first reads what other processes appended (under the lock).
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, read_only: bool = False):
         super().__init__()
         self.path = Path(path)
+        self.read_only = read_only  # shipped records (tvm_schedules/records/): never written, locked or repaired
         self.memory = ms.database.MemoryDatabase()
         self.repairs: list[str] = []  # what loading had to fix or leave out (a truncated last line)
         self.unreplayable = 0  # well-formed records whose schedule trace does not replay on their workload
@@ -133,7 +145,8 @@ class TuningDatabase(PyDatabase):
         self._valid: Counter[int] = Counter()  # valid records per workload (its first line number)
         self._notes: dict[int, dict] = {}  # per workload, from NOTES
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
+            if not read_only:
+                self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise TuningDatabaseError(f"cannot create tuning database {self.path}: {e.strerror}; "
                                       "choose another --db or PIPELINE_CACHE_DIR") from None
@@ -144,6 +157,9 @@ class TuningDatabase(PyDatabase):
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
+        if self.read_only:
+            yield
+            return
         try:
             fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
@@ -184,6 +200,8 @@ class TuningDatabase(PyDatabase):
             except FileNotFoundError:
                 data = b""
             complete, newline, tail = data.rpartition(b"\n")
+            if tail and self.read_only:
+                raise self._corrupt(name, self._lines[name] + complete.count(b"\n") + 1, "a truncated last line")
             if tail:  # an append cut short by a crash or kill: it never held a whole record
                 os.truncate(path, self._offsets[name] + len(complete) + len(newline))
                 self.repairs.append(f"dropped a truncated last line ({len(tail)} bytes) of {path}")
@@ -210,6 +228,8 @@ class TuningDatabase(PyDatabase):
             self._offsets[name] += len(complete) + len(newline)
 
     def _append(self, name: str, obj) -> None:
+        if self.read_only:
+            raise TuningDatabaseError(f"{self.path} holds shipped records: it is never written")
         line = (json.dumps(obj, separators=(",", ":")) + "\n").encode()
         fd = os.open(self.path / name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
@@ -225,22 +245,35 @@ class TuningDatabase(PyDatabase):
         workload = self.memory.commit_workload(Workload.from_json(obj).mod)
         self._workloads.append(workload)
 
-    def _workload_at(self, index) -> Workload:
+    def workload_at(self, index) -> Workload:
         if not (isinstance(index, int) and 0 <= index < len(self._workloads)):
             raise ValueError(f"workload index {index!r} out of range ({len(self._workloads)} workloads)")
         return self._workloads[index]
 
-    def _add_record(self, obj) -> None:
+    def record_from_line(self, obj) -> TuningRecord:
+        """A record from its ``[workload index, record JSON]`` line of RECORDS (ValueError, or ScheduleError
+        when its trace does not replay on that workload)."""
         if not (isinstance(obj, list) and len(obj) == 2):
             raise ValueError("not a [workload index, record] pair")
-        record = TuningRecord.from_json(obj[1], self._workload_at(obj[0]))
+        return TuningRecord.from_json(obj[1], self.workload_at(obj[0]))
+
+    def workload_index(self, mod: tvm.IRModule) -> int:
+        """The line of WORKLOADS that holds the workload ``mod`` (committed first if new)."""
+        return self._index(self.commit_workload(mod))
+
+    def record_line(self, record: TuningRecord) -> list:
+        """``record`` as its line of RECORDS holds it."""
+        return [self.workload_index(record.workload.mod), _record_json(record)]
+
+    def _add_record(self, obj) -> None:
+        record = self.record_from_line(obj)
         self.memory.commit_tuning_record(record)
         self._valid[self._index(record.workload)] += _is_valid(record)
 
     def _add_note(self, obj) -> None:
         if not (isinstance(obj, list) and len(obj) == 3 and isinstance(obj[2], _NOTE_TYPES.get(obj[1], ()))):
             raise ValueError(f"not a [workload index, {' or '.join(_NOTE_TYPES)}, value] note")
-        self._notes.setdefault(self._index(self._workload_at(obj[0])), {})[obj[1]] = obj[2]
+        self._notes.setdefault(self._index(self.workload_at(obj[0])), {})[obj[1]] = obj[2]
 
     def _index(self, workload: Workload) -> int:
         return next(i for i, w in enumerate(self._workloads) if w.same_as(workload))
@@ -304,6 +337,6 @@ class TuningDatabase(PyDatabase):
         return len(self.memory)
 
 
-def open_database(path: Path) -> TuningDatabase:
-    """Load and verify the database at ``path`` (created if missing); see :class:`TuningDatabase`."""
-    return TuningDatabase(path)
+def open_database(path: Path, read_only: bool = False) -> TuningDatabase:
+    """Load and verify the database at ``path`` (created if missing, unless ``read_only``); see :class:`TuningDatabase`."""
+    return TuningDatabase(path, read_only)

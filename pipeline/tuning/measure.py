@@ -15,11 +15,12 @@ from collections.abc import Iterator
 import tvm
 from tvm.s_tir import meta_schedule as ms
 
-from targets import TargetSpec
+from targets import CudaSpec, TargetSpec
 from ..errors import BadInput, PipelineError
-from ..runtime import use_threads
+from ..runtime import cuda_arch, use_threads
 from ..spec import Board
 from ..toolchain.cross_link import cross_linker
+from ..toolchain.cuda_aot import aot_cuda
 from ..tvm_targets import to_tvm_target
 
 BUILD_TIMEOUT_S = 30.0
@@ -35,17 +36,21 @@ class RpcUnavailable(PipelineError):
     """The RPC tracker cannot be reached or has no board under the key."""
 
 
-def _build(mod: tvm.IRModule, target: tvm.target.Target, _params) -> tvm.runtime.Module:
-    """MetaSchedule's default build without its ``import tvm.s_tir.tensor_intrin``.
+def _build(mod: tvm.IRModule, target: tvm.target.Target, _params, cuda: CudaSpec | None = None) -> tvm.runtime.Module:
+    """MetaSchedule's default build without its ``import tvm.s_tir.tensor_intrin``; for a CUDA target, with
+    the device code compiled here to cubins (``aot_cuda``, entered in the builder's worker process, where this runs).
 
     That import takes ~38 s in every fresh builder worker, past the 30 s build timeout, so every
     trial timed out. Candidates arrive scheduled (tensorized blocks already expanded), so building
-    needs no intrinsic registry.
+    needs no intrinsic registry. Without ``aot_cuda``, a GPU-less host would put CUDA *source* in the
+    candidate, for the board to compile at load (or fail to: a runtime-only TVM has no NVRTC).
     """
     from tvm.driver import build as tvm_build
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
-    return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+    device_code = aot_cuda(cuda.arch, cuda.toolchain) if cuda else contextlib.nullcontext()
+    with device_code:
+        return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
 
 
 def _export_shared_library(rt_mod: tvm.runtime.Module, triple: str | None) -> str:
@@ -139,21 +144,63 @@ def local_runner(target: TargetSpec) -> ms.runner.LocalRunner:
                                  initializer=functools.partial(use_threads, threads))
 
 
+def candidate_builder(target: TargetSpec) -> ms.builder.LocalBuilder:
+    """MetaSchedule's builder for ``target``: candidates linked here into shared libraries (with the cross linker
+    for another CPU), CUDA device code compiled here to cubins for the target's arch."""
+    return ms.builder.LocalBuilder(max_workers=os.cpu_count() or 1, timeout_sec=BUILD_TIMEOUT_S,
+                                   f_build=functools.partial(_build, cuda=target.cuda),
+                                   f_export=functools.partial(_export_shared_library, triple=target.cross_triple))
+
+
+def _gpu_problem(enabled: bool, device, target: TargetSpec, where: str) -> str | None:
+    """Why the GPU ``where`` cannot run ``target``'s candidates (no CUDA in its TVM runtime, no device, another
+    compute capability), or None."""
+    if not enabled:
+        return (f"{where}'s TVM runtime has no CUDA support: every {target.name} trial would fail; on a Jetson "
+                "build TVM's runtime against the board's CUDA (scripts/build_tvm_runtime_on_jetson.sh)")
+    if not device.exist:
+        return f"{where} has no CUDA device visible to TVM"
+    found = cuda_arch(device.compute_version)
+    if found != target.cuda.arch:
+        return (f"{where}'s GPU is {found} (compute capability {device.compute_version}) but {target.name} compiles "
+                f"for {target.cuda.arch}: tune the target of that GPU (python -m pipeline list-targets, --cuda-arch)")
+    return None
+
+
+def check_gpu(target: TargetSpec, board: Board | None, timeout: float) -> None:
+    """Before the first trial of a CUDA target: the GPU that measures has CUDA and the target's arch
+    (TuningUnsupported, one line, otherwise). On a tracker, one of the key's boards is asked."""
+    if board is None:
+        problem = _gpu_problem(tvm.runtime.enabled("cuda"), tvm.cuda(), target, "this host")
+    else:
+        from tvm import rpc
+
+        try:
+            session = rpc.connect_tracker(board.host, board.port).request(board.tracker_key, max_retry=1,
+                                                                          session_timeout=timeout)
+            problem = _gpu_problem(bool(session.get_function("runtime.RuntimeEnabled")("cuda")), session.cuda(),
+                                   target, f"the board under key {board.tracker_key!r}")
+        except (RuntimeError, OSError) as e:  # TVM's RPC errors are RuntimeErrors
+            raise RpcUnavailable(f"could not ask the board under key {board.tracker_key!r} for its GPU: "
+                                 f"{first_line(str(e))}") from None
+    if problem:
+        raise TuningUnsupported(problem)
+
+
 def builder_and_runner(target: TargetSpec, board: Board | None, timeout: float = RPC_SESSION_TIMEOUT_S):
     """MetaSchedule's builder and runner for ``target``: local, or the boards of ``board``'s tracker (each RPC
-    session given up after ``timeout`` seconds)."""
-    if target.cuda is not None:
-        raise TuningUnsupported(f"tuning {target.name} (CUDA) is not supported yet; tune a CPU target")
+    session given up after ``timeout`` seconds). For a CUDA target, the measuring GPU is checked first."""
     if board is None and target.runner != "host":
         raise TuningUnsupported(f"{target.name} cannot be measured on this host; pass --rpc-tracker HOST:PORT "
                                 "--rpc-key KEY of a board registered with a TVM RPC tracker")
-    builder = ms.builder.LocalBuilder(max_workers=os.cpu_count() or 1, timeout_sec=BUILD_TIMEOUT_S, f_build=_build,
-                                      f_export=functools.partial(_export_shared_library, triple=target.cross_triple))
-    if board is None:
-        return builder, local_runner(target)
-    if board.tracker_key is None:
+    if board is not None and board.tracker_key is None:
         raise TuningUnsupported("MetaSchedule measures through a TVM RPC tracker: register the board with one "
                                 "(rpc_server --tracker HOST:PORT --key KEY) and pass --rpc-tracker HOST:PORT --rpc-key KEY")
+    servers = check_tracker(board) if board is not None else 0
+    if target.cuda is not None:
+        check_gpu(target, board, timeout)
+    if board is None:
+        return candidate_builder(target), local_runner(target)
     config = ms.runner.RPCConfig(board.host, board.port, board.tracker_key, session_timeout_sec=int(timeout))
-    return builder, ms.runner.RPCRunner(config, f_alloc_argument=_alloc_remote_arguments,
-                                        max_workers=check_tracker(board))
+    return candidate_builder(target), ms.runner.RPCRunner(config, f_alloc_argument=_alloc_remote_arguments,
+                                                          max_workers=servers)
