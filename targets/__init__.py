@@ -22,6 +22,12 @@ class CudaSpec:
     max_threads_per_block: int = 1024
     max_shared_bytes: int = 48 * 1024
     max_registers_per_thread: int = 255
+    # Capture the inference in CUDA graphs (RewriteCUDAGraph, PassContext relax.backend.use_cuda_graph): with
+    # static shapes the VM replays one graph per captured region instead of launching every kernel itself.
+    cuda_graph: bool = True
+    # In a float16 build, a conv or matmul whose M, N and K all reach this must carry tensor-core
+    # instructions (dlight's Matmul tensorizes only when every non-batch extent is above 64).
+    tensor_core_min_extent: int = 128
 
     def tvm_target(self) -> dict:
         """A TVM CUDA target for this GPU, its limits the ones every kernel is checked against."""

@@ -306,14 +306,14 @@ def test_arm_target_gets_neon_width_schedules():
 
 
 def test_optimize_stage_applies_defaults_by_target_kind(monkeypatch):
-    """optimize() schedules CPU targets' functions (report per rule), and leaves GPU targets to their pipeline."""
+    """optimize() schedules every function by target kind (report per rule; CUDA: tvm_schedules.cuda's rules)."""
     mod = fused_module(lambda x, w: relax.op.nn.gelu(relax.op.matmul(x, w)), (8, 16), (16, 24))
-    for name, applied in (("x86", True), ("aarch64", True), ("cuda", False)):
+    for name, rule in (("x86", "Contraction"), ("aarch64", "Contraction"), ("cuda", "dlight.gpu.Matmul")):
         out, report = optimize_stage.apply_default_schedules(mod, targets.get_target(name))
-        assert report["applied"] is applied, (name, report)
-        if applied:
-            assert sum(report["rules"].values()) == len(prim_funcs(mod)) and report["unscheduled"] == []
-            assert all(is_scheduled(f) for f in prim_funcs(out).values())
+        assert report["applied"] is True, (name, report)
+        assert sum(report["rules"].values()) == len(prim_funcs(mod)) and report["unscheduled"] == []
+        assert report["rules"][rule] == 1, (name, report)
+        assert all(is_scheduled(f) for f in prim_funcs(out).values())
     monkeypatch.setattr(optimize_stage, "DEFAULT_SCHEDULES", {})
     _, report = optimize_stage.apply_default_schedules(mod, targets.get_target("x86"))
     assert report["applied"] is False

@@ -30,6 +30,7 @@ from tvm.s_tir import Schedule
 from .cpu.isa import CPU_ACC_SCOPE as _CPU_ACC_SCOPE
 from .cpu.isa import cpu_tiles, cpu_vector_lanes, cpu_vector_registers
 from .scheduled import mark_scheduled
+from .workload import contraction
 
 __all__ = ["cyclefc_te", "cyclefc_primfunc", "schedule_cyclefc", "cpu_vector_lanes", "cpu_tiles", "SCHEDULES"]
 
@@ -192,4 +193,4 @@ def schedule_cyclefc(func: tirx.PrimFunc, target) -> tirx.PrimFunc:
         raise ValueError(f"no CycleFC schedule for target kind {target.kind.name!r}; have {sorted(SCHEDULES)}") from None
     name = func.attrs.get("global_symbol", "cyclefc") if func.attrs is not None else "cyclefc"
     scheduled = fn(func, target)
-    return mark_scheduled(scheduled.with_attr("global_symbol", name))
+    return mark_scheduled(scheduled.with_attr("global_symbol", name), "CycleFC", contraction(func))

@@ -7,15 +7,19 @@ cross linker (pipeline.toolchain.cross_link).
 from __future__ import annotations
 
 import contextlib
+import re
+from collections import Counter
 from pathlib import Path
 
 import tvm
-from tvm import relax
+from tvm import relax, tirx
 
 from targets import CudaSpec, TargetSpec
+from tvm_schedules.scheduled import scheduled_by
 from ..errors import BuildError
 from ..toolchain.cross_link import cross_linker
 from ..toolchain.cuda_aot import CudaToolchainError, aot_cuda
+from ..toolchain.sass import SassUnavailable, tensor_core_ops
 from ..tvm_targets import to_tvm_target
 
 
@@ -24,6 +28,70 @@ def kernel_limit_violations(kernels: list[dict], cuda: CudaSpec) -> list[str]:
               ("max_threads", cuda.max_threads_per_block), ("local_bytes", 0))
     return [f"{k['name']}: {what} {k[what]} > {limit}"
             for k in kernels for what, limit in limits if k[what] is not None and k[what] > limit]
+
+
+# Rules that schedule a conv or matmul as a contraction (tiles in shared memory and registers); a matrix-vector
+# product (M or N = 1) may also go to dlight's reduction rules. Anything else (Fallback, GeneralReduction: one
+# thread per output or per row) is a schedule gap.
+CONTRACTION_RULES = frozenset({"DepthwiseConv2d", "dlight.gpu.Matmul", "CycleFC", "tuning record"})
+VECTOR_RULES = frozenset({"dlight.gpu.GEMV", "dlight.gpu.Reduction"})
+# TVM names a function's device kernels after it: f_kernel, f_kernel_1, ...
+_KERNEL_SUFFIX = re.compile(r"_kernel(_\d+)?$")
+
+
+def schedule_gaps(kernels: list[dict], cuda: CudaSpec) -> list[str]:
+    """Kernels of convs and matmuls left to a generic rule, and large float16 ones without tensor cores."""
+    gaps = []
+    for k in kernels:
+        shape = k.get("contraction")
+        if shape is None:
+            continue
+        vector = min(shape["m"], shape["n"]) == 1 and shape["op"] == "matmul"
+        if k["rule"] not in CONTRACTION_RULES and not (vector and k["rule"] in VECTOR_RULES):
+            gaps.append(f"{k['name']}: {shape['op']} scheduled by {k['rule']}")
+        large = min(shape["m"], shape["n"], shape["k"]) >= cuda.tensor_core_min_extent
+        if shape["dtype"] == "float16" and large and k.get("tensor_cores") is False:
+            gaps.append(f"{k['name']}: float16 {shape['op']} {shape['m']}x{shape['n']}x{shape['k']} without tensor cores")
+    return gaps
+
+
+def _launches(mod: tvm.IRModule) -> Counter:
+    """How many times main calls each TIR function per inference (its call_tir sites)."""
+    calls: Counter = Counter()
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+
+    def visit(expr):
+        if isinstance(expr, relax.Call) and expr.op.same_as(call_tir) and isinstance(expr.args[0], tvm.ir.GlobalVar):
+            calls[expr.args[0].name_hint] += 1
+
+    relax.analysis.post_order_visit(mod["main"], visit)
+    return calls
+
+
+def describe_kernels(mod: tvm.IRModule, kernels: list[dict], cubins: list[bytes]) -> tuple[list[dict], dict]:
+    """Each kernel with the function it came from, the rule that scheduled it, its contraction shape and
+    whether its SASS has tensor-core instructions; and the launches per inference."""
+    marks = {gv.name_hint: scheduled_by(f) for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
+    try:
+        ops = {name: o for cubin in cubins for name, o in tensor_core_ops(cubin).items()}
+        sass_note = "read with cuobjdump -sass"
+    except SassUnavailable as e:
+        ops, sass_note = None, f"not read: {e}"
+    calls = _launches(mod)
+    out = []
+    for k in kernels:
+        function = _KERNEL_SUFFIX.sub("", k["name"])
+        rule, shape = marks.get(function, (None, None))
+        out.append({**k, "function": function, "rule": rule or "dlight (build pipeline)", "contraction": shape,
+                    "launches": calls[function],
+                    "tensor_core_ops": None if ops is None else ops.get(k["name"], []),
+                    "tensor_cores": None if ops is None else bool(ops.get(k["name"]))})
+    return out, {"kernel_launches": sum(k["launches"] for k in out), "sass": sass_note}
+
+
+def pass_config(target: TargetSpec) -> dict:
+    """PassContext config of the target's build: CUDA graph capture where the target asks for it."""
+    return {"relax.backend.use_cuda_graph": True} if target.cuda is not None and target.cuda.cuda_graph else {}
 
 
 def build(mod: tvm.IRModule, target: TargetSpec, path: Path) -> dict:
@@ -35,7 +103,8 @@ def build(mod: tvm.IRModule, target: TargetSpec, path: Path) -> dict:
         with device_code as cuda_session:
             # The target's default pipeline fuses operators (and schedules GPU kernels with dlight);
             # tvm.compile's CPU default does not fuse.
-            executable = tvm.compile(mod, tvm_target, relax_pipeline=relax.get_default_pipeline(tvm_target))
+            with tvm.transform.PassContext(config=pass_config(target)):
+                executable = tvm.compile(mod, tvm_target, relax_pipeline=relax.get_default_pipeline(tvm_target))
         executable.export_library(str(path), fcompile=linker)
     except CudaToolchainError as e:
         raise BuildError(f"{target.name}: {e}") from None
@@ -47,6 +116,7 @@ def build(mod: tvm.IRModule, target: TargetSpec, path: Path) -> dict:
         violations = kernel_limit_violations(kernels, target.cuda)
         if violations:
             raise BuildError(f"{len(violations)} CUDA kernel(s) exceed {target.name}'s limits: " + "; ".join(violations[:5]))
+        kernels, per_inference = describe_kernels(mod, kernels, [out.cubin for out in cuda_session.outputs])
         report["cuda"] = {
             "device_code": "cubin", "arch": target.cuda.arch, "compiler": cuda_session.toolchain.compiler,
             "toolchain": cuda_session.toolchain.name, "compiler_version": cuda_session.compiler_version,
@@ -55,5 +125,7 @@ def build(mod: tvm.IRModule, target: TargetSpec, path: Path) -> dict:
                        "max_shared_bytes": target.cuda.max_shared_bytes,
                        "max_registers_per_thread": target.cuda.max_registers_per_thread},
             "kernels": kernels,
+            "per_inference": {**per_inference, "cuda_graph": target.cuda.cuda_graph},
+            "schedule_gaps": schedule_gaps(kernels, target.cuda),
         }
     return report

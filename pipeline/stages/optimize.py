@@ -12,6 +12,7 @@ from tvm_schedules.passes.fold_weight_transforms import fold_weight_transforms
 from tvm_schedules.passes.mark_weight_arguments import mark_weight_arguments
 from tvm_schedules.passes.rewrite_cyclefc import rewrite_cyclefc
 from tvm_schedules.cpu import apply_default_schedules as cpu_default_schedules
+from tvm_schedules.cuda import apply_default_schedules as cuda_default_schedules
 from ..tuning.apply import apply_records
 from ..tvm_targets import to_tvm_target
 
@@ -19,10 +20,14 @@ from ..tvm_targets import to_tvm_target
 GRAPH_PASSES = (rewrite_cyclefc,)
 
 # Default schedules for the fused functions that neither our kernels nor tuning records scheduled, by TVM
-# target kind: (mod, tvm target) -> (mod, report). GPU kinds have none here: their default pipeline
-# schedules with dlight; the llvm pipeline schedules nothing, which left untuned CPU builds 100-300x
-# slower than ONNX Runtime.
-DEFAULT_SCHEDULES = {"llvm": cpu_default_schedules}
+# target kind: (mod, tvm target) -> (mod, report). The llvm pipeline schedules nothing, which left untuned
+# CPU builds 100-300x slower than ONNX Runtime; the CUDA pipeline's dlight rules have no convolution rule,
+# and say nothing of which rule took which kernel. Every function comes out marked with its rule.
+DEFAULT_SCHEDULES = {"llvm": cpu_default_schedules, "cuda": cuda_default_schedules}
+# Target kinds whose default schedules run after the weight-only computation is folded: the fold builds
+# that computation for this host's CPU, which GPU-scheduled functions cannot run on; the CUDA rules copy no
+# weights into other layouts, which is what folding after the CPU rules is for.
+SCHEDULE_AFTER_FOLD = frozenset({"cuda"})
 
 
 def lower_to_fused_tir(mod: tvm.IRModule) -> tvm.IRModule:
@@ -60,8 +65,12 @@ def optimize(mod: tvm.IRModule, params: dict[str, np.ndarray], target: TargetSpe
     """Return the optimized module, the params it still needs, and a report per step."""
     mod, params, reports = lower(mod, params, target, fp16)
     mod, reports["tuning"] = apply_records(mod, target)  # the target's tuning database, if any
-    mod, reports["default_schedules"] = apply_default_schedules(mod, target)
+    after_fold = to_tvm_target(target).kind.name in SCHEDULE_AFTER_FOLD
+    if not after_fold:
+        mod, reports["default_schedules"] = apply_default_schedules(mod, target)
     mod, params, reports["fold_weight_transforms"] = fold_weight_transforms(mod, params, to_tvm_target(target))
+    if after_fold:
+        mod, reports["default_schedules"] = apply_default_schedules(mod, target)
     return mod, params, reports
 
 

@@ -14,7 +14,8 @@ from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.meta_schedule.database import TuningRecord
 
 from targets import TargetSpec
-from tvm_schedules.scheduled import is_scheduled
+from tvm_schedules.scheduled import is_scheduled, mark_scheduled
+from tvm_schedules.workload import contraction
 from ..tvm_targets import to_tvm_target
 from .database import WORKLOADS, TuningDatabase, database_dir, open_database, shipped_dir
 
@@ -75,6 +76,9 @@ def apply_records(mod: tvm.IRModule, target: TargetSpec) -> tuple[tvm.IRModule, 
         report["functions"][gv.name_hint] = {"workload": ms.utils.shash2hex(workload), **offers[i][2], "source": label}
     with to_tvm_target(target), chosen:
         tuned = relax.transform.MetaScheduleApplyDatabase()(mod)
+    for name in report["functions"]:  # marked as tuned, with the shape the build checks per kernel
+        gv = tuned.get_global_var(name)
+        tuned.update_func(gv, mark_scheduled(tuned[gv], "tuning record", contraction(mod[name])))
     report["records_applied"] = len(report["functions"])
     repairs = [line for _, database in sources for line in database.repairs]
     if repairs:

@@ -13,18 +13,15 @@ these models). These rules give each function a reasonable schedule without tuni
 
 Each rule is a ``tvm.s_tir.dlight`` ``ScheduleRule`` (usable in ``dl.ApplyDefaultSchedule``); functions
 already scheduled (``tirx.is_scheduled``: our CycleFC kernel, tuning records) are left alone.
-:func:`apply_default_schedules` applies them in that order and counts what each scheduled.
+:func:`apply_default_schedules` applies them in that order, marks each function with the rule that took it
+and counts what each scheduled.
 """
 from __future__ import annotations
 
-from collections import Counter
-
 import tvm
-from tvm import tirx
-from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.base import ScheduleRule
 
-from ..scheduled import is_scheduled
+from ..apply import apply_rules
 from .contraction import Contraction
 from .injective import Injective
 from .isa import cpu_tiles, cpu_vector_lanes
@@ -39,28 +36,8 @@ def default_rules() -> list[ScheduleRule]:
     return [Contraction(), RowReduction(), Injective()]
 
 
-class _Counted(ScheduleRule):
-    def __init__(self, rule: ScheduleRule, counts: Counter):
-        self.rule, self.counts = rule, counts
-
-    def apply(self, func, target, tunable):
-        result = self.rule.apply(func, target, tunable)
-        if result is not None:
-            self.counts[type(self.rule).__name__] += 1
-        return result
-
-
 def apply_default_schedules(mod: tvm.IRModule, target: tvm.target.Target,
                             rules: list[ScheduleRule] | None = None) -> tuple[tvm.IRModule, dict]:
-    """Schedule every unscheduled PrimFunc of ``mod`` with the first rule that fits; return the new module
-    and a report: functions scheduled per rule, already scheduled before, and those no rule fit."""
-    rules = default_rules() if rules is None else rules
-    before = {gv.name_hint: is_scheduled(f) for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
-    counts: Counter = Counter()
-    with target:  # on a clone: ApplyDefaultSchedule also rewrites the module object it is given
-        out = dl.ApplyDefaultSchedule(*[_Counted(r, counts) for r in rules])(mod.clone())
-    unscheduled = sorted(gv.name_hint for gv, f in out.functions_items()
-                         if isinstance(f, tirx.PrimFunc) and not is_scheduled(f))
-    report = {"rules": {type(r).__name__: counts[type(r).__name__] for r in rules},
-              "already_scheduled": sum(before.values()), "unscheduled": unscheduled}
-    return out, report
+    """Schedule every unscheduled PrimFunc of ``mod`` with the first rule that fits (``apply.apply_rules``:
+    the report counts what each rule scheduled)."""
+    return apply_rules(mod, target, default_rules() if rules is None else rules)

@@ -46,6 +46,7 @@ from .common import (MIN_PARALLEL_ITERS, NotApplicable, access_stride, buffer_sh
                      has_if_then_else, numel, pow2_divisor, root_blocks, schedule_spatial_block, static_extent,
                      tensor_loads, uses_var)
 from .isa import CPU_ACC_SCOPE, cpu_vector_lanes, cpu_vector_registers, gemm_tiles
+from ..workload import match_mac
 
 # Pack an operand (one copy per call) only when that widens the vector by at least this factor, or when
 # nothing can be vectorized without it.
@@ -83,35 +84,6 @@ class _Plan:
     pack_dim: int | None  # the dim of that operand indexed by v
 
 
-def _strip_cast(e):
-    while isinstance(e, tirx.Cast):
-        e = e.value
-    return e
-
-
-def _match_mac(block) -> tuple[tirx.BufferStore, list] | None:
-    """``C[s] = C[s] + A[.] * B[.]`` (casts anywhere on A, B or the product) -> (store, [A, B])."""
-    store = block.body
-    if not isinstance(store, tirx.BufferStore):
-        return None
-    value = store.value
-    if not isinstance(value, tirx.Add):
-        return None
-    for acc, prod in ((value.a, value.b), (value.b, value.a)):
-        acc = _strip_cast(acc)
-        if not (isinstance(acc, tvm.ir.TensorLoad) and acc.source.same_as(store.buffer)
-                and all(tvm_ffi.structural_equal(x, y) for x, y in zip(acc.indices, store.indices))):
-            continue
-        prod = _strip_cast(prod)
-        if not isinstance(prod, tirx.Mul):
-            return None
-        a, b = _strip_cast(prod.a), _strip_cast(prod.b)
-        if isinstance(a, tvm.ir.TensorLoad) and isinstance(b, tvm.ir.TensorLoad):
-            return store, [a, b]
-        return None
-    return None
-
-
 def _pure_index_dim(load, var: tirx.Var) -> int | None:
     """The one dim of ``load`` indexed by exactly ``var``, with no other dim using it; else None."""
     dims = [i for i, idx in enumerate(load.indices) if uses_var(idx, var)]
@@ -147,7 +119,7 @@ class Contraction(CPURule):
             raise NotApplicable
         main_info = reductions[0]
         main = main_info.block_rv
-        if _match_mac(sch.get(main)) is None or any(not isinstance(d, int) for d in main_info.dom()):
+        if match_mac(sch.get(main)) is None or any(not isinstance(d, int) for d in main_info.dom()):
             raise NotApplicable
         position = infos.index(main_info)
 
@@ -172,7 +144,7 @@ class Contraction(CPURule):
                 progress = True
 
         block = sch.get(main)
-        store, loads = _match_mac(block)
+        store, loads = match_mac(block)
         out_buffer = store.buffer
         is_param_output = any(out_buffer.same_as(b) for b in sch.mod["main"].params)
         consumers = list(sch.get_consumers(main))
@@ -198,7 +170,7 @@ class Contraction(CPURule):
         v_iv = next(iv for iv in spatial if iv.var.same_as(plan.v))
         u_iv = self._choose_row_axis(spatial, v_iv, operands, out_strides)
         # The accumulator tile is ours: lay it out (rows..., vector) so each vector is contiguous.
-        acc_dim = _pure_index_dim(_match_mac(sch.get(main))[0], v_iv.var)
+        acc_dim = _pure_index_dim(match_mac(sch.get(main))[0], v_iv.var)
         ndim = len(store.indices)
         if acc_dim is not None and acc_dim != ndim - 1:
             order = [d for d in range(ndim) if d != acc_dim] + [acc_dim]
@@ -253,7 +225,7 @@ class Contraction(CPURule):
             sch.unroll(tile_loops[0])
         if reduce_:
             sch.decompose_reduction(main, loops[reduce_[0].var])
-        self._schedule_epilogue(sch, epilogue, lanes, _match_mac(sch.get(main))[0].buffer)
+        self._schedule_epilogue(sch, epilogue, lanes, match_mac(sch.get(main))[0].buffer)
 
         # 5. whatever is left at the root (padding, packing, other outputs): parallel vector loops.
         tile_nest = sch.get(fused)

@@ -1,0 +1,157 @@
+"""CUDA schedules, checked without a GPU: which rule took each kernel, tensor cores read from the SASS, our
+depthwise-conv schedule's arithmetic (the same loop nest run serially on the CPU) and its cubins' resources."""
+import dataclasses
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax, te, topi
+
+import targets
+from pipeline.spec import BuildSpec
+from pipeline.run import compile_model
+from pipeline.stages import optimize as optimize_stage
+from pipeline.stages.build import CONTRACTION_RULES, build, kernel_limit_violations
+from pipeline.stages.optimize import lower_to_fused_tir, optimize
+from pipeline.stages.relax_import import import_onnx
+from pipeline.toolchain import cuda_toolchains
+from pipeline.toolchain.cuda_aot import aot_cuda
+from pipeline.toolchain.cuda_toolchains import find_in_nvidia
+from pipeline.toolchain.sass import parse_tensor_core_ops, tool_problem
+from tvm.s_tir import dlight as dl
+from tvm_schedules.apply import apply_rules
+from tvm_schedules.cuda import apply_default_schedules
+from tvm_schedules.cuda.depthwise_conv import CUDA, SERIAL, schedule_depthwise
+
+pytestmark = [
+    pytest.mark.skipif(find_in_nvidia("cuda_nvrtc/lib/libnvrtc.so.12") is None, reason="NVRTC 12 missing: pip install "
+                       + " ".join(cuda_toolchains.TOOLCHAINS["nvrtc-12"].pip_packages)),
+    pytest.mark.skipif(tool_problem() is not None, reason=f"SASS cannot be read: {tool_problem()}"),
+]
+# TVM's own CUDA default schedules (relax/backend/cuda/pipeline.py): no convolution rule
+DLIGHT_DEFAULTS = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+
+
+def depthwise(channels, size, kernel, stride=1, dtype="float32"):
+    """A ConvMixer-style fused depthwise conv: "same" padding, + bias, GELU-like epilogue (relu here)."""
+    x = te.placeholder((1, channels, size, size), dtype, name="x")
+    w = te.placeholder((channels, 1, kernel, kernel), dtype, name="w")
+    b = te.placeholder((1, channels, 1, 1), dtype, name="b")
+    y = topi.nn.group_conv2d_nchw(x, w, stride, kernel // 2, 1, channels, out_dtype=dtype)
+    return te.create_prim_func([x, w, b, topi.nn.relu(topi.add(y, b))])
+
+
+DEPTHWISE = [(64, 32, 7, 1), (48, 16, 9, 1), (40, 28, 3, 2), (24, 14, 5, 1)]
+
+
+@pytest.mark.parametrize("channels,size,kernel,stride", DEPTHWISE)
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_depthwise_schedule_computes_the_conv(channels, size, kernel, stride, dtype):
+    # The CUDA loop nest (tiles, shared window with the padding computed into it, register accumulators,
+    # epilogue per thread) run serially on the CPU against the unscheduled function. What this cannot
+    # check: the threads' concurrency (barriers are TVM's to insert).
+    func = depthwise(channels, size, kernel, stride, dtype)
+    rng = np.random.default_rng(kernel)
+    shapes = [(1, channels, size, size), (channels, 1, kernel, kernel), (1, channels, 1, 1)]
+    args = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    out_size = (size + 2 * (kernel // 2) - kernel) // stride + 1
+    results = []
+    for mod in (schedule_depthwise(func, SERIAL).mod, tvm.IRModule({"main": func})):
+        out = tvm.runtime.tensor(np.zeros((1, channels, out_size, out_size), dtype))
+        tvm.compile(mod, target="llvm")(*[tvm.runtime.tensor(a) for a in args], out)
+        results.append(out.numpy().astype("float64"))
+    assert np.abs(results[0]).max() > 0.1
+    assert np.allclose(results[0], results[1], atol=1e-5 if dtype == "float32" else 2e-2, rtol=1e-3)
+
+
+@pytest.mark.parametrize("arch,toolchain,dtype", [("sm_87", "nvrtc-12", "float32"), ("sm_90", "nvrtc-12", "float32"),
+                                                  ("sm_87", "nvrtc-12", "float16"), ("sm_90", "nvrtc-12", "float16"),
+                                                  ("sm_72", "nvrtc-11", "float32")])
+def test_depthwise_cubins_fit_every_cuda_target(arch, toolchain, dtype):
+    if find_in_nvidia(f"cuda_nvrtc/lib/{cuda_toolchains.TOOLCHAINS[toolchain].nvrtc_lib}") is None:
+        pytest.skip(cuda_toolchains.TOOLCHAINS[toolchain].install_hint())
+    spec = dataclasses.replace(targets.get_target("cuda").cuda, arch=arch, toolchain=toolchain)
+    target = tvm.target.Target(spec.tvm_target(), host={"kind": "llvm"})
+    with aot_cuda(arch, toolchain) as session:
+        for channels, size, kernel, stride in DEPTHWISE + [(768, 32, 7, 1), (1536, 32, 9, 1), (1024, 16, 9, 1)]:
+            tvm.compile(schedule_depthwise(depthwise(channels, size, kernel, stride, dtype), CUDA).mod, target=target)
+    kernels = [k for out in session.outputs for k in out.kernel_resources()]
+    assert len(kernels) == 7
+    assert kernel_limit_violations(kernels, spec) == []
+    assert all(k["shared_bytes"] > 0 and k["local_bytes"] == 0 and k["max_threads"] <= 256 for k in kernels)
+
+
+@pytest.mark.parametrize("model", ["test_convmixer", "test_cyclemlp"])
+def test_cuda_kernels_say_what_scheduled_them(model, tmp_path):
+    _, manifest = compile_model(BuildSpec(model=model, target="cuda", cuda_arch="sm_90"), tmp_path / model)
+    cuda = manifest["target"]["build"]["cuda"]
+    kernels = cuda["kernels"]
+    assert cuda["schedule_gaps"] == []
+    assert kernel_limit_violations(kernels, dataclasses.replace(targets.get_target("cuda").cuda, arch="sm_90")) == []
+    assert all(k["rule"] != "dlight (build pipeline)" and isinstance(k["tensor_cores"], bool) for k in kernels)
+    convs = [k for k in kernels if k["contraction"] and k["contraction"]["op"] == "conv2d"]
+    assert convs and all(k["rule"] in CONTRACTION_RULES for k in convs)
+    if model == "test_convmixer":
+        assert [k["rule"] for k in convs].count("DepthwiseConv2d") == 1  # its two blocks share one function
+    else:
+        assert sum(k["rule"] == "CycleFC" for k in kernels) == 6
+    assert cuda["per_inference"]["cuda_graph"] is True
+    assert cuda["per_inference"]["kernel_launches"] == sum(k["launches"] for k in kernels) > len(kernels)
+
+
+def test_a_conv_left_to_dlight_is_a_gap(compiled, tmp_path, monkeypatch):
+    # TVM's default CUDA schedules leave ConvMixer's depthwise conv to a generic rule: the build says so.
+    out, _ = compiled("test_convmixer")
+    monkeypatch.setitem(optimize_stage.DEFAULT_SCHEDULES, "cuda", lambda mod, t: apply_rules(mod, t, DLIGHT_DEFAULTS))
+    target = targets.get_target("cuda")
+    mod, params = import_onnx(out / "model.sim.onnx", {"input": (1, 3, 32, 32)})
+    mod, _, _ = optimize(mod, params, target)
+    gaps = build(mod, target, tmp_path / "lib.so")["cuda"]["schedule_gaps"]
+    assert len(gaps) == 1 and "conv2d scheduled by dlight.gpu.GeneralReduction" in gaps[0]
+
+
+def matmul_module(m, n, k, dtype):
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((m, k), dtype))
+    w = relax.Var("w", relax.TensorType((k, n), dtype))
+    with bb.function("main", [x, w]):
+        with bb.dataflow():
+            gv = bb.emit_output(relax.op.nn.gelu(relax.op.matmul(x, w)))
+        bb.emit_func_output(gv)
+    return bb.get()
+
+
+@pytest.mark.parametrize("rules,tensor_cores", [(None, True), ([dl.gpu.Fallback()], False)])
+def test_a_large_float16_matmul_without_tensor_cores_is_a_gap(rules, tensor_cores, tmp_path):
+    target = targets.get_target("cuda")
+    mod, _ = apply_default_schedules(lower_to_fused_tir(matmul_module(196, 768, 384, "float16")),
+                                     tvm.target.Target(target.tvm_target), rules)
+    report = build(mod, target, tmp_path / "lib.so")["cuda"]
+    kernels = [k for k in report["kernels"] if k["contraction"]]  # dlight's Fallback makes one kernel per block
+    kernel = kernels[0]
+    assert kernel["contraction"] == {"op": "matmul", "dtype": "float16", "batch": 1, "m": 196, "n": 768, "k": 384}
+    assert all(k["tensor_cores"] is tensor_cores for k in kernels)
+    if tensor_cores:
+        assert kernel["rule"] == "dlight.gpu.Matmul" and any(op.startswith("HMMA") for op in kernel["tensor_core_ops"])
+        assert report["schedule_gaps"] == []
+    else:
+        assert any("without tensor cores" in gap for gap in report["schedule_gaps"])
+
+
+def test_float32_matmul_reads_as_no_tensor_cores(tmp_path):
+    target = targets.get_target("cuda")
+    mod, _ = apply_default_schedules(lower_to_fused_tir(matmul_module(196, 768, 384, "float32")),
+                                     tvm.target.Target(target.tvm_target))
+    report = build(mod, target, tmp_path / "lib.so")["cuda"]
+    assert all(k["tensor_cores"] is False for k in report["kernels"]) and report["schedule_gaps"] == []
+
+
+def test_sass_parser():
+    sass = """
+		Function : mm_kernel
+        /*0a10*/                   HMMA.16816.F32 R4, R8, R12, R4 ;                /* 0x000000 */
+        /*0a20*/              @!P0 HGMMA.64x64x16.F32 gdesc[UR4], R24 ;            /* 0x000000 */
+		Function : add_kernel
+        /*0010*/                   FADD R4, R8, R12 ;                              /* 0x000000 */
+"""
+    assert parse_tensor_core_ops(sass) == {"mm_kernel": ["HGMMA.64x64x16.F32", "HMMA.16816.F32"], "add_kernel": []}
