@@ -35,7 +35,8 @@ ALLOWED_THIRD_PARTY = {
     "pipeline.version": set(),
     "pipeline.toolchain.elf": set(),
     "pipeline.toolchain.cuda_toolchains": set(),
-    "pipeline.runtime": {"numpy", "tvm"},  # ships alone as a bundle's run.py
+    # ships alone as a bundle's run.py; cryptography only for --public-key (imported then, said when missing)
+    "pipeline.runtime": {"numpy", "tvm", "cryptography"},
 }
 STDLIB = frozenset(__import__("sys").stdlib_module_names)
 
