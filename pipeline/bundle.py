@@ -2,9 +2,15 @@
 
 A bundle is a tar (gzip-compressed when its name ends in .tar.gz or .tgz) holding one directory:
 manifest.json, lib.so, params.npz, inputs.npz, outputs.npz and run.py, which is pipeline/runtime.py
-itself (stdlib + numpy + the TVM runtime). On the board::
+itself (stdlib + numpy + the TVM runtime); and, unless left out, ``runner``, the same check as a native executable
+for the library's CPU (no Python), with its C++ sources and CMakeLists.txt (pipeline.toolchain.native_runner).
+On the board::
 
     tar xf cyclemlp_b1-jetson-orin-nano.tar && python3 cyclemlp_b1-jetson-orin-nano/run.py
+    tar xf cyclemlp_b1-jetson-orin-nano.tar && cyclemlp_b1-jetson-orin-nano/runner
+
+The files package adds are listed in the bundle's manifest under "bundle" (outside the build_id: they are not what
+was built), so the bundle checks them like the rest; the artifact's own manifest is left as it is.
 
 Extraction and the hash check are pipeline.runtime's, the code the board runs, so the host and the
 board apply the same rules, and raise the same BundleError.
@@ -22,6 +28,7 @@ from typing import Iterator
 
 from . import runtime
 from .runtime import BadInput, BundleError, extract_bundle
+from .toolchain import native_runner
 
 SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
@@ -67,28 +74,56 @@ def open_artifact(path: Path, public_key: Path | None = None) -> Iterator[tuple[
         yield directory, verify_artifact(directory, public_key)
 
 
-def make_bundle(artifact_dir: Path, out: Path | None = None, sign_key: Path | None = None) -> Path:
+def native_files(directory: Path) -> tuple[dict[str, Path], dict]:
+    """The native runner's files for the library in ``directory`` (name in the bundle -> file) and the manifest's
+    "bundle" entry that lists them; BundleError when the library cannot run natively."""
+    library = directory / runtime.LIBRARY
+    arch = runtime.elf_arch(library)
+    if arch not in native_runner.TRIPLES:
+        raise BundleError(f"{library} is {arch or 'not an ELF library'}: the native runner is built for "
+                          f"{', '.join(native_runner.TRIPLES)}; package with --no-native")
+    python_only = native_runner.python_only_builtins(library)
+    if python_only:
+        raise BundleError(f"{library} calls {', '.join(python_only)}, which only TVM's Python package provides: the "
+                          "native runner cannot run it; package with --no-native (run.py runs it)")
+    files = native_runner.bundle_files(arch)
+    entry = {"files": {name: runtime.sha256_file(path) for name, path in files.items()},
+             "runner": {"arch": arch, "built_with": native_runner.toolchain(arch)}}
+    return files, entry
+
+
+def make_bundle(artifact_dir: Path, out: Path | None = None, sign_key: Path | None = None,
+                native: bool = True) -> Path:
     """Write the bundle of ``artifact_dir`` to ``out`` (default: ARTIFACT_DIR.tar beside it); return its path.
 
-    Inside, one directory named after the file (NAME.tar holds NAME/); with ``sign_key`` also manifest.sig, the
-    manifest's signature (which covers every file through their sha256s). A tampered artifact is refused; the
-    file appears only once complete.
+    Inside, one directory named after the file (NAME.tar holds NAME/); with ``native``, the native runner and its
+    sources, listed in the bundle's manifest; with ``sign_key`` also manifest.sig, the signature of that manifest
+    (which covers every file through their sha256s). A tampered artifact is refused; the file appears only once
+    complete.
     """
     directory = Path(artifact_dir).resolve()
-    verify_artifact(directory)
-    signature = sign((directory / runtime.MANIFEST).read_bytes(), sign_key) if sign_key is not None else None
+    manifest = verify_artifact(directory)
     out = Path(out) if out is not None else directory.with_name(f"{directory.name}.tar")
     if not out.name.endswith(SUFFIXES):
         raise BundleError(f"{out}: a bundle's name must end in {', '.join(SUFFIXES)} (.tar.gz / .tgz: gzip)")
     top = stem(out)  # `tar xf NAME.tar` gives NAME/
     if not runtime.PLAIN_NAME.match(top):
         raise BundleError(f"{out}: use a bundle name of letters, digits and . _ + - (it names the directory inside)")
-    members: list[tuple[Path | bytes, str]] = [
-        (directory / name, name) for name in (runtime.MANIFEST, runtime.MANIFEST_SEAL, *runtime.RUN_FILES)]
-    members.append((Path(runtime.__file__), runtime.RUNNER))
-    if signature is not None:
-        members.append((signature, runtime.SIGNATURE))
-    return write_tar(out, top, members)
+    extra, entry = native_files(directory) if native else ({}, None)
+    bundled = {k: v for k, v in manifest.items() if k != "bundle"} | ({"bundle": entry} if entry else {})
+    with tempfile.TemporaryDirectory(prefix="pipeline-bundle-") as staging:
+        # The bundle's manifest: the artifact's with what package adds, sealed anew (then signed) in a staging
+        # copy; the artifact's own stays as it is.
+        sealed = directory if bundled == manifest else Path(staging)
+        if sealed != directory:
+            runtime.write_manifest(sealed, bundled)
+        members: list[tuple[Path | bytes, str]] = [
+            *((sealed / name, name) for name in (runtime.MANIFEST, runtime.MANIFEST_SEAL)),
+            *((directory / name, name) for name in runtime.RUN_FILES),
+            (Path(runtime.__file__), runtime.RUNNER), *((path, name) for name, path in extra.items())]
+        if sign_key is not None:
+            members.append((sign((sealed / runtime.MANIFEST).read_bytes(), sign_key), runtime.SIGNATURE))
+        return write_tar(out, top, members)
 
 
 def write_tar(out: Path, top: str, members: list[tuple[Path | bytes, str]]) -> Path:

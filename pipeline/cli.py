@@ -130,6 +130,11 @@ def compile_cmd(model_name: str, target_name: str, batch: int, weights: Path | N
                      cuda_arch=cuda_arch, fp16=fp16, keep_export=keep_export)
     out_dir, manifest = compile_model(spec, out, listener=StageProgress())
     print_verdict(manifest["verify"])
+    python_only = manifest["target"]["build"]["python_only_builtins"]
+    if python_only:
+        console.print(f"[yellow]![/yellow] the library calls {', '.join(python_only)}, which only TVM's Python has: "
+                      "its bundles run with run.py, not the native runner (package --no-native)", highlight=False,
+                      soft_wrap=True)
     stdout.print(f"artifact: {out_dir}  build_id {manifest['build_id'][:16]}", highlight=False, soft_wrap=True)
 
 
@@ -332,18 +337,22 @@ def _print_task_statuses(tasks) -> None:
               help="Bundle file: NAME.tar, or NAME.tar.gz / NAME.tgz for gzip. Default: ARTIFACT_DIR.tar beside it.")
 @click.option("--sign", "sign_key", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
               metavar="KEY.pem", help="Sign the bundle with this Ed25519 private key (openssl genpkey -algorithm "
-                                      "ed25519); boards check it with the public key (run.py --public-key).")
+                                      "ed25519); boards check it with the public key (run.py or runner --public-key).")
+@click.option("--no-native", is_flag=True, help="Leave out the native runner (for a library that calls a builtin "
+                                               "only TVM's Python has): the bundle runs with run.py alone.")
 @reports_errors()
-def package_cmd(artifact_dir: Path, out: Path | None, sign_key: Path | None) -> None:
+def package_cmd(artifact_dir: Path, out: Path | None, sign_key: Path | None, no_native: bool) -> None:
     """Pack an artifact into one bundle file for a board.
 
-    The bundle holds the library, params, manifest, reference inputs and outputs, and run.py, which
-    needs only numpy and the TVM runtime: on the board, `tar xf NAME.tar && python3 NAME/run.py`
-    checks every file's sha256, runs the model, compares its outputs and prints the latency.
+    The bundle holds the library, params, manifest, reference inputs and outputs, run.py, which
+    needs only numpy and the TVM runtime, and runner, the same without Python (an executable for the
+    library's CPU, with its C++ source and CMakeLists.txt): on the board, `tar xf NAME.tar &&
+    NAME/runner` (or `python3 NAME/run.py`) checks every file's sha256, runs the model, compares its
+    outputs and prints the latency.
     """
     from .bundle import make_bundle
 
-    bundle = make_bundle(artifact_dir, out, sign_key)
+    bundle = make_bundle(artifact_dir, out, sign_key, native=not no_native)
     stdout.print(f"bundle: {bundle} ({bundle.stat().st_size / 1e6:.1f} MB)", highlight=False, soft_wrap=True)
 
 

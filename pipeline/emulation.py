@@ -1,5 +1,6 @@
 """Run a compiled aarch64 library on this x86 host: `pipeline.runtime.run_library` inside an aarch64
-CPython 3.11 under qemu-user, with the aarch64 TVM runtime wheel.
+CPython 3.11 under qemu-user, with the aarch64 TVM runtime wheel (and an aarch64 program, such as a bundle's
+native runner, against that wheel's runtime libraries: :meth:`Emulator.program`).
 
 ``scripts/setup_aarch64_runtime.sh`` prepares the emulator (one directory, ``pipeline.paths.aarch64_root()``). Arrays cross over as ``.npz`` files
 in a temporary directory; the emulated side imports only numpy, the TVM runtime and
@@ -77,8 +78,12 @@ class Emulator:
         """The setup script deleted libtvm_compiler.so: TVM must load with TVM_USE_RUNTIME_LIB=1."""
         return not (self.site / "tvm" / "lib" / "libtvm_compiler.so").exists()
 
+    def program(self, executable: Path | str, *args: str) -> list[str]:
+        """The command that runs an aarch64 executable (linked against glibc) with the sysroot's libraries."""
+        return [str(self.qemu), "-L", str(self.sysroot), str(executable), *args]
+
     def command(self, *args: str) -> list[str]:
-        return [str(self.qemu), "-L", str(self.sysroot), str(self.python), *args]
+        return self.program(self.python, *args)
 
     def env(self) -> dict[str, str]:
         env = {

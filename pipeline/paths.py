@@ -48,6 +48,11 @@ def zig_cache_dir() -> Path:
     return _own_or_cache(ZIG_ENV, "zig")
 
 
+def native_dir() -> Path:
+    """The native runner and the C++ API's example, one executable per CPU and source (pipeline.toolchain.native_runner)."""
+    return cache_root() / "native"
+
+
 def aarch64_root() -> Path:
     """The aarch64 userland and TVM runtime that run libraries under qemu-user (pipeline.emulation)."""
     return _own_or_cache(AARCH64_ENV, "aarch64")

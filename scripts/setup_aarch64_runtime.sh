@@ -14,7 +14,8 @@
 # On the host it installs Debian's qemu-user-static (binfmt is NOT registered: qemu is invoked
 # explicitly) and the pip package `ziglang` into the current Python (the aarch64 linker used by
 # pipeline/toolchain/cross_link.py), then links one throw-away library so zig's libc stubs are built and
-# cached once, in pipeline.paths.zig_cache_dir() (PIPELINE_ZIG_CACHE_DIR, else $PIPELINE_CACHE_DIR/zig).
+# cached once, in pipeline.paths.zig_cache_dir() (PIPELINE_ZIG_CACHE_DIR, else $PIPELINE_CACHE_DIR/zig), and builds
+# the native runner for x86_64 and aarch64 (pipeline/toolchain/native_runner.py), which fills zig's libc++ there too.
 #
 # Env: PIPELINE_AARCH64_ROOT, PYTHON (host python; default `python`), DEBIAN_MIRROR,
 #      DEBIAN_SECURITY_MIRROR, PIPELINE_AARCH64_FULL_TVM=1, PIPELINE_AARCH64_SKIP_LINKER=1.
@@ -170,6 +171,13 @@ if [[ "${PIPELINE_AARCH64_SKIP_LINKER:-0}" != 1 ]]; then
     T=$EPOCHREALTIME
     (cd "$REPO" && PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m pipeline.toolchain.cross_link --warm-up) | sed 's/^/[setup-aarch64] /'
     log "linker warm-up: $(elapsed "$T")"
+    # The native runner a bundle carries, for both CPUs: the first C++ build for a CPU builds zig's libc++ (minutes).
+    T=$EPOCHREALTIME
+    (cd "$REPO" && PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$PY" -c 'from pipeline.toolchain import native_runner as n
+for arch in n.TRIPLES:
+    for program in n.PROGRAMS:
+        print(f"native {program} for {arch}: {n.build(program, arch)}")') | sed 's/^/[setup-aarch64] /'
+    log "native runners: $(elapsed "$T")"
 fi
 
 log "done in $(elapsed "$T_ALL"): $ROOT ($(size_of "$ROOT"))"

@@ -29,6 +29,14 @@ def run_cli(*args: str, **kwargs):
     return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, encoding="utf-8", **kwargs)
 
 
+def reissue(directory: Path, manifest: dict) -> None:
+    """Write ``manifest`` as a compile would have (build_id and seal renewed): another build, not a tampered one."""
+    from pipeline import runtime
+
+    manifest["build_id"] = runtime.build_id(manifest)
+    runtime.write_manifest(directory, manifest)
+
+
 @pytest.fixture(scope="session")
 def compiled(tmp_path_factory):
     """Compile (model, target) once per session; returns (artifact dir, manifest)."""

@@ -36,6 +36,7 @@ def check_artifact(out, manifest):
         assert runtimes == {"tvm-host", "onnxruntime"} and manifest["verify"]["compiled_library"].startswith("not run")
         assert not manifest["verify"]["library_verified"]
     assert elf_machine(out / "lib.so") == ELF_MACHINE[spec.cross_triple]
+    assert manifest["target"]["build"]["python_only_builtins"] == []  # so the bundle's native runner can run it
     if spec.cuda:
         assert cuda_device_code_format(out / "lib.so") == "cubin"  # machine code, not source for the board to JIT
         cuda = manifest["target"]["build"]["cuda"]

@@ -22,12 +22,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from conftest import RPC_HOST, RPC_KEY, RpcProcesses, free_port, linker_available, listening, run_cli
+from conftest import RPC_HOST, RPC_KEY, RpcProcesses, free_port, linker_available, listening, reissue, run_cli
 from pipeline import runtime
 from pipeline.bundle import BundleError, extract_bundle, make_bundle
 from pipeline.deploy import DeployError, DeployTimeout, TargetMismatch, deploy
 from pipeline.emulation import EmulatorUnavailable, find_emulator
 from pipeline.spec import Board
+from pipeline.toolchain import native_runner
 
 HOST = RPC_HOST
 TRACKER_KEY = RPC_KEY
@@ -85,12 +86,6 @@ def aarch64(compiled):
     return compiled("test_mixer", "aarch64")[0]
 
 
-def reissue(directory: Path, manifest: dict) -> None:
-    """Write ``manifest`` as a compile would have (build_id and seal renewed): another build, not a tampered one."""
-    manifest["build_id"] = runtime.build_id(manifest)
-    runtime.write_manifest(directory, manifest)
-
-
 def copy_artifact(src: Path, dest: Path) -> Path:
     shutil.copytree(src, dest)
     return dest
@@ -114,7 +109,8 @@ def test_package_makes_one_bundle_whose_runner_needs_only_numpy_and_tvm(x86, tmp
     assert result.returncode == 0, result.stderr
     with tarfile.open(bundle) as tar:  # gzip, detected
         assert sorted(tar.getnames()) == sorted(["mixer", *(f"mixer/{n}" for n in (
-            "manifest.json", "manifest.sha256", "lib.so", "params.npz", "inputs.npz", "outputs.npz", "run.py"))])
+            "manifest.json", "manifest.sha256", "lib.so", "params.npz", "inputs.npz", "outputs.npz", "run.py",
+            "runner", *(p.name for p in native_runner.sources())))])
     extracted = extract_bundle(bundle, tmp_path / "board")
     assert (extracted / "run.py").read_text() == Path(runtime.__file__).read_text()
 

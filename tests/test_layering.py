@@ -36,7 +36,8 @@ ALLOWED_THIRD_PARTY = {
     "pipeline.version": set(),
     "pipeline.toolchain.elf": set(),
     "pipeline.toolchain.cuda_toolchains": set(),
-    "pipeline.runtime": {"numpy", "tvm", "cryptography"},  # ships alone as run.py; cryptography: signatures only
+    # ships alone as a bundle's run.py; cryptography only for --public-key (imported then, said when missing)
+    "pipeline.runtime": {"numpy", "tvm", "cryptography"},
     "pipeline.time_candidates": {"numpy", "tvm", "runtime"},  # ships in a batch of candidates, runtime.py beside it
 }
 STDLIB = frozenset(__import__("sys").stdlib_module_names)

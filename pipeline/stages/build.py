@@ -2,7 +2,8 @@
 
 CUDA device code is compiled here, ahead of time, to cubins for the target's arch with the
 toolchain its driver accepts (pipeline.toolchain.cuda_aot); libraries for another CPU are linked with a
-cross linker (pipeline.toolchain.cross_link).
+cross linker (pipeline.toolchain.cross_link). The report says which builtins that only TVM's Python provides the
+library calls (pipeline.toolchain.native_runner): a bundle's native runner runs it only when there are none.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from tvm_schedules.scheduled import scheduled_by
 from ..errors import BuildError
 from ..toolchain.cross_link import cross_linker
 from ..toolchain.cuda_aot import CudaToolchainError, aot_cuda
+from ..toolchain.native_runner import python_only_builtins
 from ..toolchain.sass import SassUnavailable, tensor_core_ops
 from ..tvm_targets import to_tvm_target
 
@@ -110,7 +112,9 @@ def build(mod: tvm.IRModule, target: TargetSpec, path: Path) -> dict:
         raise BuildError(f"{target.name}: {e}") from None
     except RuntimeError as e:  # TVM's FFI errors (InternalError, ...) are RuntimeErrors
         raise BuildError(f"TVM build for {target.name} failed: {str(e).splitlines()[0]}") from e
-    report = {"tvm_target": str(tvm_target), "linker": linker.linker if linker else "host C compiler (TVM default)"}
+    report = {"tvm_target": str(tvm_target), "linker": linker.linker if linker else "host C compiler (TVM default)",
+              # builtins only TVM's Python has: none, or the bundle's native runner cannot run the library
+              "python_only_builtins": python_only_builtins(path)}
     if cuda_session is not None:
         kernels = [k for out in cuda_session.outputs for k in out.kernel_resources()]
         violations = kernel_limit_violations(kernels, target.cuda)

@@ -60,11 +60,18 @@ def zig_command() -> list[str] | None:
     return [str(binary)] if binary.is_file() and os.access(binary, os.X_OK) else [sys.executable, "-m", "ziglang"]
 
 
+def zig_env() -> dict[str, str]:
+    """The environment to run zig in: this process's, with zig's caches in their one stable place."""
+    cache = str(paths.zig_cache_dir())
+    return {**os.environ, "ZIG_GLOBAL_CACHE_DIR": cache, "ZIG_LOCAL_CACHE_DIR": cache}
+
+
 def _debian_cross_cc(triple: str) -> str | None:
     return shutil.which(f"{triple}-g++") or shutil.which(f"{triple}-gcc")
 
 
-def _zig_target(triple: str, glibc: str | None) -> str:
+def zig_target(triple: str, glibc: str | None = DEFAULT_GLIBC) -> str:
+    """zig's -target for an LLVM triple: aarch64-linux-gnu -> aarch64-linux-gnu.2.28 (glibc pinned)."""
     arch, _, rest = triple.partition("-")
     os_abi = rest.removeprefix("unknown-")  # aarch64-unknown-linux-gnu -> linux-gnu
     target = f"{arch}-{os_abi}"
@@ -75,7 +82,8 @@ def _debian_package(triple: str) -> str:
     return f"g++-{triple.replace('_', '-')}"
 
 
-def _run(cmd: list[str], env: dict[str, str] | None, what: str) -> None:
+def run_tool(cmd: list[str], env: dict[str, str] | None, what: str) -> None:
+    """Run a compiler or linker; CrossLinkError with the end of its output when it fails or times out."""
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=LINK_TIMEOUT_S)
     except subprocess.TimeoutExpired as e:
@@ -106,7 +114,7 @@ def cross_linker(triple: str = "aarch64-linux-gnu", prefer: str | None = None,
         raise CrossLinkError(f"no linker for {triple}: {options} (or run {paths.SETUP_SCRIPT}, which installs ziglang)")
 
     if zig is not None:
-        zig_target = _zig_target(triple, glibc)
+        target = zig_target(triple, glibc)
         cache = paths.zig_cache_dir()
 
         def fcompile(output: str, objects: Sequence[str], options: Sequence[str] | None = None, **_ignored) -> None:
@@ -114,20 +122,19 @@ def cross_linker(triple: str = "aarch64-linux-gnu", prefer: str | None = None,
             cold = not any(cache.iterdir())
             if cold:
                 log.info("zig's cache %s is empty: the first %s link builds its libc stubs (about a minute)",
-                         cache, zig_target)
+                         cache, target)
             mode = "c++" if any(str(o).endswith(_CXX_SUFFIXES) for o in objects) else "cc"
-            cmd = [*zig, mode, "-target", zig_target, "-shared", "-fPIC", "-o", str(output),
+            cmd = [*zig, mode, "-target", target, "-shared", "-fPIC", "-o", str(output),
                    *map(str, objects), *(options or ()), "-lm"]
-            env = {**os.environ, "ZIG_GLOBAL_CACHE_DIR": str(cache), "ZIG_LOCAL_CACHE_DIR": str(cache)}
             start = time.perf_counter()
-            _run(cmd, env, f"zig link for {zig_target}")
+            run_tool(cmd, zig_env(), f"zig link for {target}")
             log.info("zig linked %s in %.2f s%s", output, time.perf_counter() - start, " (cold cache)" if cold else "")
 
-        fcompile.linker = f"zig ({zig_target})"
+        fcompile.linker = f"zig ({target})"
     else:
         def fcompile(output: str, objects: Sequence[str], options: Sequence[str] | None = None, **_ignored) -> None:
-            _run([gcc, "-shared", "-fPIC", "-o", str(output), *map(str, objects), *(options or ())],
-                 None, f"{gcc} link")
+            run_tool([gcc, "-shared", "-fPIC", "-o", str(output), *map(str, objects), *(options or ())],
+                     None, f"{gcc} link")
 
         fcompile.linker = gcc
 
