@@ -273,7 +273,7 @@ def test_the_python_only_builtins_are_those_tvms_python_registers_and_its_runtim
     import tvm
 
     package = Path(tvm.__file__).parent
-    registered = {line.split('"')[1] for path in package.rglob("*.py") for line in path.read_text().splitlines()
+    registered = {line.split('"')[1] for path in package.rglob("*.py") for line in path.read_text(encoding="utf-8").splitlines()
                   if 'register_global_func("relax.run.' in line}
     assert registered == set(native_runner.PYTHON_ONLY_BUILTINS)
     assert native_runner.python_only_builtins(package / "lib" / "libtvm_runtime.so") == []
