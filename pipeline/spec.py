@@ -31,6 +31,9 @@ def resolve_target(spec: BuildSpec) -> targets.TargetSpec:
         target = targets.get_target(spec.target)
     except targets.UnknownTargetError as e:
         raise UnknownTarget(str(e)) from None
+    if spec.fp16 and not target.float16_arithmetic:
+        raise BadInput(f"{target.name} ({target.description}) has no float16 arithmetic (no +fullfp16): --fp16 would "
+                       "widen every operation to float32 and back; compile without --fp16")
     if spec.cuda_arch is None:
         return target
     try:

@@ -46,6 +46,9 @@ class TargetSpec:
     cross_triple: str | None = None  # link the library for this triple (the build host is x86-64)
     runner: str | None = None  # how verify executes it here: "host", "qemu-aarch64", or None (board only)
     cuda: CudaSpec | None = None
+    # Whether --fp16 computes in float16 here: False where the CPU has no float16 arithmetic (an Arm core without
+    # +fullfp16, e.g. the Pi 4's Cortex-A72), so every float16 operation would be widened to float32 and back.
+    float16_arithmetic: bool = True
     aliases: tuple[str, ...] = field(default=())
 
     def with_cuda_arch(self, arch: str) -> "TargetSpec":
@@ -103,7 +106,7 @@ XAVIER_CPU = ("carmel", "+fullfp16")
 def arm_board(name: str, description: str, mcpu: str | None, cores: int, *features: str) -> TargetSpec:
     """A 64-bit Arm Linux board's CPU: cross-linked here, verified under qemu-user."""
     return TargetSpec(name=name, description=description, tvm_target=arm_cpu(mcpu, cores, *features),
-                      cross_triple=AARCH64, runner="qemu-aarch64")
+                      cross_triple=AARCH64, runner="qemu-aarch64", float16_arithmetic="+fullfp16" in features)
 
 
 def jetson(name: str, description: str, tag: str, gpu: CudaSpec, cores: int, cpu: tuple[str, ...]) -> TargetSpec:

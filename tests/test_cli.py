@@ -152,3 +152,10 @@ def test_unsupported_cuda_arch_is_bad_input_refused_before_any_work(tmp_path, ar
                      "--out", str(tmp_path / "a"))
     assert_one_line_error(result, says, code=2)  # bad input; it was exit 1 after a whole build (~11 s)
     assert not (tmp_path / "a").exists() and time.monotonic() - start < 10
+
+
+@pytest.mark.parametrize("target", ["rpi4", "aarch64"])
+def test_fp16_is_refused_where_the_cpu_has_no_float16_arithmetic(tmp_path, target):
+    result = run_cli("compile", "--model", "test_mixer", "--target", target, "--fp16", "--out", str(tmp_path / "a"))
+    assert_one_line_error(result, "has no float16 arithmetic", "compile without --fp16")
+    assert not (tmp_path / "a").exists()
