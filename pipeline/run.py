@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 
 from dataclasses import dataclass
 
-from .errors import DiskFull, OutputDirError, PipelineError
+from .errors import BuildError, DiskFull, ExportError, OutputDirError
 from .spec import BuildSpec, resolve_target
 
 # Called with (stage, None) when a stage starts and (stage, seconds) when it ends.
@@ -66,11 +66,12 @@ MIN_FREE_BYTES = 16 << 20  # a stage that fails with less room than this where t
 @contextlib.contextmanager
 def disk_full_is_one_line(work: Path) -> Iterator[None]:
     """A full disk said as such. Often it is not: TVM's build ends in "Compilation error:" and nothing (the C
-    compiler's message does not reach it), ONNX export in a RuntimeError; so a failure with (almost) no room left
-    where the compile writes (the artifact's directory, the temporary one TVM builds in) is taken for one."""
+    compiler's message does not reach it), ONNX export in a RuntimeError; so a failure to write (an OSError, an
+    export or build that failed) with (almost) no room left where the compile writes (the artifact's directory, the
+    temporary one TVM builds in) is taken for one. Other errors (bad weights, numerics) are never relabelled."""
     try:
         yield
-    except (OSError, PipelineError) as e:
+    except (OSError, ExportError, BuildError) as e:
         full = [d for d in (work.parent, Path(tempfile.gettempdir()))
                 if shutil.disk_usage(d).free < MIN_FREE_BYTES]
         if not full and not (isinstance(e, OSError) and e.errno == errno.ENOSPC):

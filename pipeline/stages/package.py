@@ -75,7 +75,7 @@ def write_artifact(work: Path, *, model_name: str, cfg: ModelCfg, batch: int, we
     manifest["build_id"] = build_id(manifest)  # what was built; what follows is what was checked, and when
     library_checked = [c for c in checks if c.name.startswith("tvm/")]
     manifest["verify"] = {
-        "reference": f"PyTorch {torch_version()} eager, float32, on this host's CPU",
+        "reference": f"PyTorch {manifest['toolchain']['torch']} eager, float32, on this host's CPU",
         "passed": all(c.passed for c in checks),  # every check that ran
         "compiled_library": library_run,
         "library_verified": bool(library_checked) and all(c.passed for c in library_checked),
@@ -85,7 +85,3 @@ def write_artifact(work: Path, *, model_name: str, cfg: ModelCfg, batch: int, we
     manifest["created_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     manifest["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
     return write_manifest(work, manifest)
-
-
-def torch_version() -> str:
-    return metadata.version("torch")
