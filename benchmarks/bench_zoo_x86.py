@@ -19,7 +19,10 @@ For each model, in one process:
    samples) is known within +-2 % or ``--max-seconds`` pass; and each kernel of the library timed alone, to
    name the one that costs most.
 
-The table gives medians in ms; ``ORT/TVM`` and ``torch/TVM`` > 1 mean TVM is faster. The machine is shared:
+The table gives medians in ms; ``ORT/TVM`` and ``torch/TVM`` > 1 mean TVM is faster. ``limit %`` is the share of
+this machine's limit the library reaches: the model's multiply-adds (PyTorch's FLOP counter over one forward:
+matmuls and convolutions) x 2 / its latency, over the sustained matmul rate (``torch.mm`` of 4096^3 float32 on
+the same threads, measured at the start and the end of this run; the faster counts). The machine is shared:
 compare within a row.
 """
 from __future__ import annotations
@@ -57,6 +60,38 @@ def _tune(name: str, minutes: float, trials: int) -> dict:
             "stopped_by_time_budget": report.stopped_by_time_budget}
 
 
+def matmul_gflops(threads: int, n: int = 4096) -> float:
+    """The sustained float32 matmul rate on ``threads`` threads: the best of a few ``torch.mm`` of n^3."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.rand(n, n), torch.rand(n, n)
+    torch.mm(a, b)  # warm-up: packing buffers, thread pool
+    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(3))
+    return 2 * n ** 3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def model_macs(name: str) -> float:
+    """Multiply-adds of one batch-1 forward (matmuls and convolutions), by PyTorch's FLOP counter."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import models
+
+    cfg = models.get_model_cfg(name)
+    model = models.create_model(name).eval()
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        model(torch.zeros(1, *cfg.input_size))
+    return counter.get_total_flops() / 2
+
+
 def bench_one(name: str, opts, workdir: Path) -> dict:
     from pipeline.bench import Budget, bench_artifact
     from pipeline.run import compile_model
@@ -69,7 +104,7 @@ def bench_one(name: str, opts, workdir: Path) -> dict:
     result = bench_artifact(art, peers=("onnxruntime", "torch"), per_layer=True, threads=opts.threads,
                             budget=Budget(max_seconds=opts.max_seconds))
     top = result["kernels"][0]
-    return {"model": name, "tuning": tuning, "compile_s": compile_s,
+    return {"model": name, "macs": model_macs(name), "tuning": tuning, "compile_s": compile_s,
             "records_applied": manifest["tuning"]["records_applied"],
             "ms": {k: result["latency_ms"][k]["median"] for k in ("tvm", "onnxruntime", "torch")},
             "busy": result["method"]["busy"], "top_kernel": f"{top['kernel']} {top['share']:.0%}",
@@ -80,7 +115,7 @@ def main() -> None:
     opts = _parse_args()
     import models
     from pipeline import paths
-    from pipeline.bench import configure_threads
+    from pipeline.bench import configure_threads, device_fingerprint
 
     configure_threads(opts.threads)  # before anything starts TVM's thread pool
     names = opts.models or [m for m in models.list_models() if not m.startswith("test_")]
@@ -88,10 +123,12 @@ def main() -> None:
     os.environ[paths.CACHE_ENV] = str(cache)
     budget = f"tuning budget {opts.tune_minutes:g} min/model, {opts.trials} trials/task" if opts.tune_minutes else \
         "untuned: default schedules"
-    print(f"x86, batch 1, float32, {opts.threads} thread(s) each; {budget}; tuning cache {cache}; "
-          f"load average at start {os.getloadavg()[0]:.2f}", flush=True)
+    cpu = device_fingerprint()["cpu"]
+    rate_start = matmul_gflops(opts.threads)
+    print(f"x86 ({cpu}), batch 1, float32, {opts.threads} thread(s) each; {budget}; tuning cache {cache}; "
+          f"load average at start {os.getloadavg()[0]:.2f}; torch.mm 4096^3: {rate_start:.0f} GFLOP/s", flush=True)
     header = (f"{'model':28s} {'tune s':>7s} {'recs':>5s} {'TVM ms':>9s} {'ORT ms':>9s} {'torch ms':>9s} "
-              f"{'ORT/TVM':>8s} {'torch/TVM':>9s}  top kernel (share of TVM time)")
+              f"{'ORT/TVM':>8s} {'torch/TVM':>9s} {'GMACs':>6s} {'GFLOP/s':>8s}  top kernel (share of TVM time)")
     print(header + "\n" + "-" * len(header), flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-zoo-") as tmp:
@@ -101,11 +138,15 @@ def main() -> None:
             ms = row["ms"]
             tune_s = f"{row['tuning']['seconds']:7.0f}" if row["tuning"] else f"{'-':>7s}"
             print(f"{name:28s} {tune_s} {row['records_applied']:5d} {ms['tvm']:9.2f} {ms['onnxruntime']:9.2f} "
-                  f"{ms['torch']:9.2f} {ms['onnxruntime'] / ms['tvm']:8.2f} {ms['torch'] / ms['tvm']:9.2f}  "
+                  f"{ms['torch']:9.2f} {ms['onnxruntime'] / ms['tvm']:8.2f} {ms['torch'] / ms['tvm']:9.2f} "
+                  f"{row['macs'] / 1e9:6.2f} {2 * row['macs'] / ms['tvm'] / 1e6:8.0f}  "
                   f"{row['top_kernel']}{'  (busy machine: few quiet samples)' if row['busy'] else ''}", flush=True)
-    print(f"load average at end {os.getloadavg()[0]:.2f}")
+    rate = max(rate_start, matmul_gflops(opts.threads))
+    print(f"load average at end {os.getloadavg()[0]:.2f}; the limit (faster torch.mm 4096^3 of start and end): "
+          f"{rate:.0f} GFLOP/s; share of it per model (2 x MACs / TVM latency / limit):")
+    print("  " + ", ".join(f"{row['model']} {2 * row['macs'] / row['ms']['tvm'] / 1e6 / rate:.0%}" for row in rows))
     if opts.json:
-        opts.json.write_text(json.dumps(rows, indent=1))
+        opts.json.write_text(json.dumps({"cpu": cpu, "matmul_gflops": rate, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -405,6 +405,17 @@ def ensure_artifact(spec: BuildSpec, root: Path | None = None, listener: StageLi
     return out
 
 
+def checked_for_timing(vm, dev, directory: Path, manifest: dict, prefix: str) -> tuple[list, dict, dict]:
+    """Run the library once on the artifact's inputs, require its outputs to match the reference (only a runtime
+    that computes the artifact's model is timed: manifest tolerances), and leave those inputs set for the timer's
+    stateful calls. Return the device arguments (inputs, then params) and the host inputs and reference outputs."""
+    params, inputs, reference = runtime.load_arrays(directory, manifest)
+    args = runtime.to_device([*inputs.values(), *params.values()], dev)
+    runtime.require_outputs_match(runtime.run_vm(vm, args, tuple(reference)), reference, manifest, prefix=prefix)
+    vm.set_input("main", *args)
+    return args, inputs, reference
+
+
 def bench_artifact(path: Path, *, peers: tuple[str, ...] = (), per_layer: bool = False, threads: int | None = None,
                    budget: Budget = Budget(), expect: BuildSpec | None = None, board: Board | None = None,
                    timeout: float = 60.0) -> dict:
@@ -424,14 +435,10 @@ def bench_artifact(path: Path, *, peers: tuple[str, ...] = (), per_layer: bool =
         if expect is not None and holds != (expect.model, targets.get_target(expect.target).name, expect.batch):
             raise BenchError(f"{path} holds {holds[0]} for {holds[1]} at batch {holds[2]}, not {expect.model} for "
                              f"{expect.target} at batch {expect.batch}")
-        params, inputs, reference = runtime.load_arrays(directory, manifest)
         vm, dev, tvm_timer, reference_timer, how_tvm = (
             local_library(directory, target, threads) if board is None
             else board_library(board, directory, manifest, target, Path(work), timeout))
-        args = runtime.to_device([*inputs.values(), *params.values()], dev)
-        # Time only runtimes that compute the artifact's model: outputs against outputs.npz, manifest tolerances.
-        runtime.require_outputs_match(runtime.run_vm(vm, args, tuple(reference)), reference, manifest, prefix="tvm/")
-        vm.set_input("main", *args)  # what tvm_timer's stateful calls run
+        args, inputs, reference = checked_for_timing(vm, dev, directory, manifest, "tvm/")
         timers = {"tvm": tvm_timer, "reference": reference_timer}
         how = {"tvm": how_tvm, "reference": REFERENCE_HOW}
         for peer in peers:

@@ -114,11 +114,16 @@ def check_board(remote: RPCSession, board: Board, directory: Path, manifest: dic
         if arch is not None and arch != lib_arch:
             raise TargetMismatch(f"the library of this {target} artifact is {lib_arch} but the board is {arch}; "
                                  f"compile for the board's target (python -m pipeline list-targets)")
-        if device != "cpu" and not remote.get_function("runtime.RuntimeEnabled")(device):
-            raise TargetMismatch(f"the board's TVM runtime has no {device} support, needed by this {target} artifact; "
-                                 f"on a Jetson build it against the board's CUDA (scripts/build_tvm_runtime_on_jetson.sh)")
-        if not remote.device(device).exist:
-            raise TargetMismatch(f"the board has no {device} device visible to TVM, needed by this {target} artifact")
+        if device != "cpu":
+            built_for = manifest["target"].get("build", {}).get("cuda", {}).get("arch")
+            problem = runtime.device_problem(device, bool(remote.get_function("runtime.RuntimeEnabled")(device)),
+                                             remote.device(device), "the board's TVM runtime", built_for)
+            if problem is not None:
+                remedy = {"runtime": "on a Jetson build it against the board's CUDA "
+                                     "(scripts/build_tvm_runtime_on_jetson.sh)",
+                          "device": "check the board's driver (nvidia-smi)",
+                          "arch": "compile for the board's target (python -m pipeline list-targets, --cuda-arch)"}
+                raise TargetMismatch(f"{problem[1]}, needed by this {target} artifact; {remedy[problem[0]]}")
     return arch
 
 

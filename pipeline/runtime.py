@@ -361,22 +361,40 @@ DEVICE_RUNTIME_HINT = {
                           "and an NVIDIA driver for CUDA 13; with an older CUDA, build TVM's runtime against it")
 
 
-def open_device(device: str) -> tvm.runtime.Device:
-    """The TVM runtime's ``device`` ("cpu", "cuda") here; RuntimeUnavailable when this runtime has no support
-    for it or finds no such device."""
+def device_problem(device: str, enabled: bool, dev, runtime_name: str, arch: str | None = None
+                   ) -> tuple[str, str] | None:
+    """Why the TVM runtime ``runtime_name`` (this machine's, or a board's over RPC) cannot run code for ``device``
+    compiled for the CUDA ``arch`` (None: any), as (kind, one line), kind "runtime", "device" or "arch"; or None.
+
+    The one check behind loading a library here, deploying to a board, timing candidates and tuning; each caller
+    adds what to do."""
+    if not enabled:
+        return "runtime", f"{runtime_name} has no {device} support"
+    if not dev.exist:
+        return "device", f"{runtime_name} finds no {device} device"
+    if arch is not None and cuda_arch(dev.compute_version) != arch:
+        return "arch", (f"{runtime_name} finds a GPU of compute capability {dev.compute_version} "
+                        f"({cuda_arch(dev.compute_version)}), but the code is compiled for {arch}")
+    return None
+
+
+def open_device(device: str, arch: str | None = None) -> tvm.runtime.Device:
+    """The TVM runtime's ``device`` ("cpu", "cuda") here, a GPU of ``arch`` if given; RuntimeUnavailable when this
+    runtime has no support for it or finds no such device."""
     try:
         import tvm
     except ImportError as e:
         raise RuntimeUnavailable(f"cannot import TVM's runtime ({e}); install it (see docs/deploy.md)") from None
     if not tvm.runtime.enabled(device):
         _load_device_runtime(device)
-    if not tvm.runtime.enabled(device):
+    dev = tvm.runtime.device(device)
+    problem = device_problem(device, tvm.runtime.enabled(device), dev, f"this TVM runtime ({tvm.__file__})", arch)
+    if problem is not None:
         # The PyPI aarch64 wheel links libcudart.so.13; on a CUDA 12 board (JetPack 6) it loads
         # without CUDA and says nothing, so say it here.
-        raise RuntimeUnavailable(f"this TVM runtime ({tvm.__file__}) has no {device} support; {DEVICE_RUNTIME_HINT}")
-    dev = tvm.runtime.device(device)
-    if not dev.exist:
-        raise RuntimeUnavailable(f"no {device} device found by the TVM runtime on this machine")
+        remedy = {"runtime": DEVICE_RUNTIME_HINT, "device": "check the driver (nvidia-smi)",
+                  "arch": "compile for this GPU's target (python -m pipeline list-targets, --cuda-arch)"}
+        raise RuntimeUnavailable(f"{problem[1]}; {remedy[problem[0]]}")
     return dev
 
 

@@ -68,13 +68,7 @@ def read_batch(directory: Path) -> dict:
 
 def check_device(batch: dict):
     """The device the batch runs on; RuntimeUnavailable when this runtime or GPU cannot run its candidates."""
-    dev = runtime.open_device(batch["device"])
-    arch = batch.get("cuda_arch")
-    if arch and runtime.cuda_arch(dev.compute_version) != arch:
-        raise runtime.RuntimeUnavailable(
-            f"this GPU has compute capability {dev.compute_version} ({runtime.cuda_arch(dev.compute_version)}); "
-            f"the batch was compiled for {arch}: export it for this board's target")
-    return dev
+    return runtime.open_device(batch["device"], batch.get("cuda_arch"))
 
 
 def arguments(args_info: list, dev) -> list:

@@ -151,21 +151,10 @@ class TuneReport:
         return sum(parts) if parts else None
 
 
-def _untuned_schedule(mod: tvm.IRModule, target: TargetSpec) -> tvm.IRModule:
-    """``mod`` as an untuned build schedules it: ``stages.optimize``'s default schedules (CPU), or, for a GPU
-    target, the dlight rules of TVM's own CUDA pipeline (its legalization's last pass), which the build runs."""
-    if target.cuda is None:
-        return apply_default_schedules(mod, target)[0]
-    from tvm.relax.backend.cuda.pipeline import legalize_passes
-
-    tvm_target = to_tvm_target(target)
-    with tvm_target:
-        return legalize_passes(tvm_target)[-1](mod)
-
-
 def _default_schedules(tasks: list[Task], target: TargetSpec) -> list[tuple[Task, tvm.IRModule]]:
-    """Each task's workload as an untuned build schedules it, for the tasks that have a default schedule."""
-    scheduled = [(task, _untuned_schedule(task.mod, target)) for task in tasks]
+    """Each task's workload as an untuned build schedules it (the optimize stage's default schedules: for CUDA,
+    our rules, then dlight's), for the tasks that have a default schedule."""
+    scheduled = [(task, apply_default_schedules(task.mod, target)[0]) for task in tasks]
     return [(task, mod) for task, mod in scheduled if is_scheduled(mod["main"])]
 
 

@@ -24,7 +24,7 @@ LAYERS = (
     ("pipeline.stages",),  # one plain function each
     ("pipeline.run",),  # the stage list
     ("pipeline.tune", "pipeline.deploy", "pipeline.bench"),  # commands' libraries, above the stages
-    ("pipeline.regress", "pipeline.report"),
+    ("pipeline.regress", "pipeline.report", "pipeline.ship_records"),
     ("pipeline.cli", "pipeline.__main__"),
 )
 

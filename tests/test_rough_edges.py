@@ -90,7 +90,7 @@ def test_a_cuda_library_on_an_x86_machine_without_cuda_says_what_this_machine_ne
             "except runtime.RuntimeUnavailable as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          cwd=Path(__file__).parents[1]).stdout
-    if "no cuda device found" in out:
+    if "finds no cuda device" in out:
         pytest.skip("TVM's CUDA runtime loads on this machine (a driver is present)")
     assert "has no cuda support" in out and "libcudart.so.13" in out and "jetson" not in out, out
 
@@ -145,3 +145,19 @@ def test_a_median_never_rests_on_a_few_lucky_samples():
     calm = [1.0, 1.02, 1.01, 1.03, 1.0, 1.01, 1.02, 1.0, 1.5]
     stats = headline(calm, min_quiet=8)
     assert stats["basis"] == "quiet samples" and stats["n"] == 8 and stats["median"] < 1.05
+
+
+def test_one_device_check_names_what_is_missing():
+    """runtime.device_problem: the check behind loading here, deploy, offline timing and tune."""
+    from types import SimpleNamespace
+
+    from pipeline.runtime import device_problem
+
+    orin = SimpleNamespace(exist=True, compute_version="8.7")
+    assert device_problem("cuda", True, orin, "the board's TVM runtime", "sm_87") is None
+    assert device_problem("cuda", True, orin, "the board's TVM runtime") is None  # any arch
+    assert device_problem("cuda", False, orin, "the board's TVM runtime", "sm_87") == (
+        "runtime", "the board's TVM runtime has no cuda support")
+    assert device_problem("cuda", True, SimpleNamespace(exist=False), "R", "sm_87") == ("device", "R finds no cuda device")
+    assert device_problem("cuda", True, orin, "R", "sm_72") == (
+        "arch", "R finds a GPU of compute capability 8.7 (sm_87), but the code is compiled for sm_72")

@@ -345,3 +345,32 @@ def test_shipped_records_apply_and_the_users_own_win(tuned, monkeypatch, tmp_pat
         f.write('[0,"default_secs",1.0]\n[1,"default_secs",1e-12]\n')
     _, manifest = compile_model(BuildSpec(model="test_mixer", target="x86"), tmp_path / "both")
     assert sorted(f["source"] for f in manifest["tuning"]["functions"].values()) == sorted([USER, shipped])
+
+
+# Margins that decide alike on any machine, however busy: every record that ran is kept, or none is.
+@pytest.mark.parametrize("margin", [-1e9, 1.0])
+def test_shipping_retimes_records_beside_their_defaults(tuned, monkeypatch, tmp_path, margin):
+    from pipeline.ship_records import SUMMARY, ship_records
+    from pipeline.tuning.apply import USER
+
+    monkeypatch.setenv(paths.CACHE_ENV, str(tmp_path / "cache"))  # no user database
+    monkeypatch.setenv(paths.SHIPPED_ENV, str(tmp_path / "shipped"))
+    out, verdicts = ship_records(next((tuned[0] / "tuning").iterdir()), X86, tmp_path / "shipped", rounds=2,
+                                 margin=margin)
+    assert out == shipped_dir(X86) and len(verdicts) == 2  # test_mixer's two tuned workloads
+    assert all(v.record_us and v.default_us for v in verdicts)  # both ran, every round
+    assert [v.shipped for v in verdicts] == [margin < 0] * 2, verdicts
+    summary = json.loads((out / SUMMARY).read_text(encoding="utf-8"))
+    assert summary["rounds"] == 2 and summary["machine"]["cpu"] and len(summary["verdicts"]) == 2
+    assert not (out / ".lock").exists() and [p.name for p in out.parent.iterdir()] == [out.name]  # nothing partial
+    shipped = open_database(out, read_only=True)
+    assert len(shipped.workloads()) == sum(v.shipped for v in verdicts)
+    for workload in shipped.workloads():  # the shipped database holds the re-timed medians
+        stats = shipped.stats(workload.mod)
+        v = next(v for v in verdicts if v.workload == tvm.s_tir.meta_schedule.utils.shash2hex(workload.mod))
+        assert (round(1e6 * stats.best_secs, 3), round(1e6 * stats.default_secs, 3)) == (v.record_us, v.default_us)
+    _, manifest = compile_model(BuildSpec(model="test_mixer", target="x86"), tmp_path / "art")
+    sources = {f["source"] for f in manifest["tuning"]["functions"].values()}
+    # Kept where they were judged faster (here by a margin that keeps the slower too: the note says so).
+    assert manifest["tuning"]["records_applied"] == (0 if margin > 0 else sum(
+        v.record_us < v.default_us for v in verdicts)) and USER not in sources and manifest["verify"]["passed"]

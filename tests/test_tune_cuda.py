@@ -44,7 +44,7 @@ def test_cuda_candidates_are_cubins_for_the_targets_arch(tmp_path, target, arch,
     batch = json.loads((tmp_path / "gpu" / "batch.json").read_text())
     assert batch["device"] == "cuda" and batch["cuda_arch"] == arch  # the board's script checks its GPU against it
     libraries = sorted((tmp_path / "gpu").glob("*.so"))
-    assert len(libraries) == len(batch["candidates"]) == 2  # one search candidate, the default (dlight) schedule
+    assert len(libraries) == len(batch["candidates"]) == 2  # one search candidate, the default schedule
     for library in libraries:
         assert elf.machine(library) == elf.EM_AARCH64  # the Jetson's host code, cross-linked
         code = cuda_device_code(library)
@@ -59,7 +59,7 @@ def test_a_board_without_cuda_is_refused_before_any_trial(rpc, tmp_path):
                       "--rpc-tracker", f"127.0.0.1:{rpc.tracker}", "--rpc-key", rpc.key, cache=tmp_path / "cache")
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
-        f"error: the board under key {rpc.key!r}'s TVM runtime has no CUDA support: every jetson-orin-nano trial "
+        f"error: the board under key {rpc.key!r}'s TVM runtime has no cuda support: every jetson-orin-nano trial "
         "would fail; on a Jetson build TVM's runtime against the board's CUDA (scripts/build_tvm_runtime_on_jetson.sh)")
     assert "candidate.so" not in server_log.read_text()[before:]
     assert not (tmp_path / "db").exists() or not (tmp_path / "db" / "database_tuning_record.json").exists()

@@ -280,6 +280,10 @@ class TuningDatabase(PyDatabase):
 
     # -- what the tuner and the CLI ask -------------------------------------------------------
 
+    def workloads(self) -> list[Workload]:
+        """Every workload, in the order of WORKLOADS."""
+        return list(self._workloads)
+
     def best_record(self, mod: tvm.IRModule) -> TuningRecord | None:
         """The fastest valid record of the workload ``mod``, or None."""
         if not self.memory.has_workload(mod):

@@ -17,7 +17,7 @@ from tvm.s_tir import meta_schedule as ms
 
 from targets import CudaSpec, TargetSpec
 from ..errors import BadInput, PipelineError
-from ..runtime import cuda_arch, use_threads
+from ..runtime import device_problem, use_threads
 from ..spec import Board
 from ..toolchain.cross_link import cross_linker
 from ..toolchain.cuda_aot import aot_cuda
@@ -155,16 +155,14 @@ def candidate_builder(target: TargetSpec) -> ms.builder.LocalBuilder:
 def _gpu_problem(enabled: bool, device, target: TargetSpec, where: str) -> str | None:
     """Why the GPU ``where`` cannot run ``target``'s candidates (no CUDA in its TVM runtime, no device, another
     compute capability), or None."""
-    if not enabled:
-        return (f"{where}'s TVM runtime has no CUDA support: every {target.name} trial would fail; on a Jetson "
-                "build TVM's runtime against the board's CUDA (scripts/build_tvm_runtime_on_jetson.sh)")
-    if not device.exist:
-        return f"{where} has no CUDA device visible to TVM"
-    found = cuda_arch(device.compute_version)
-    if found != target.cuda.arch:
-        return (f"{where}'s GPU is {found} (compute capability {device.compute_version}) but {target.name} compiles "
-                f"for {target.cuda.arch}: tune the target of that GPU (python -m pipeline list-targets, --cuda-arch)")
-    return None
+    problem = device_problem("cuda", enabled, device, f"{where}'s TVM runtime", target.cuda.arch)
+    if problem is None:
+        return None
+    remedy = {"runtime": f"every {target.name} trial would fail; on a Jetson build TVM's runtime against the board's "
+                         "CUDA (scripts/build_tvm_runtime_on_jetson.sh)",
+              "device": "check the board's driver (nvidia-smi)",
+              "arch": "tune the target of that GPU (python -m pipeline list-targets, --cuda-arch)"}
+    return f"{problem[1]}: {remedy[problem[0]]}"
 
 
 def check_gpu(target: TargetSpec, board: Board | None, timeout: float) -> None:
