@@ -29,6 +29,11 @@ _TARGET = re.compile(r"(?:^|,\s*)(?:0x)?([0-9a-f]+)\s+<")
 _STACK_ACCESS = re.compile(r"\[sp\b")
 _VECTOR_FMLA = re.compile(r"\bv\d+\.(\d+[hsd])\b")
 _MEMORY_OPS = ("ld", "st")
+# Decoded whatever the target: without +fullfp16, llvm-objdump prints every float16 arithmetic instruction as
+# "<unknown>" (which is how an rpi5 --fp16 library once read as "no fmla v.8h"); an instruction the target lacks
+# is never in its code, so decoding more extensions than it has changes nothing else.
+DECODE_FEATURES = "+fullfp16,+fp16fml,+dotprod,+i8mm,+bf16,+sve,+sve2"
+UNKNOWN = "<unknown>"
 
 
 class ObjdumpUnavailable(Exception):
@@ -76,6 +81,7 @@ class FmaLoop:
     end: int  # address of the backward branch
     instructions: int
     fmla: int  # vector fmla
+    arrangements: frozenset  # of those fmla: "4s" (float32), "8h" (float16), ...
     spills: int  # sp-addressed loads and stores
     branches: int  # branches inside the loop besides its back edge (a guarded tail kept in the loop)
 
@@ -85,7 +91,7 @@ class FmaLoop:
 
     def as_dict(self) -> dict:
         return {"function": self.function, "address": hex(self.start), "instructions": self.instructions,
-                "fmla": self.fmla, "spills": self.spills, "branches": self.branches,
+                "fmla": self.fmla, "arrangements": sorted(self.arrangements), "spills": self.spills, "branches": self.branches,
                 "fmla_per_instruction": round(self.fmla_per_instruction, 3)}
 
 
@@ -94,9 +100,11 @@ class LibraryFmas:
     loops: list[FmaLoop] = field(default_factory=list)
     fmla_by_arrangement: Counter = field(default_factory=Counter)  # the whole library, loops or not
     widening_conversions: int = 0  # fcvtl / fcvtl2: float16 -> float32
+    undecoded: int = 0  # instructions llvm-objdump could not decode (0, or the counts above are incomplete)
 
-    def loops_of(self, function_prefix: str) -> list[FmaLoop]:
-        return [loop for loop in self.loops if loop.function.startswith(function_prefix)]
+    def loops_of(self, kernel: str) -> list[FmaLoop]:
+        """The FMA loops of one TIR function (see :func:`kernel_name`)."""
+        return [loop for loop in self.loops if kernel_name(loop.function) == kernel]
 
     def summary(self) -> dict:
         fmla = sum(loop.fmla for loop in self.loops)
@@ -104,7 +112,13 @@ class LibraryFmas:
         return {"fma_loops": len(self.loops), "spills_in_fma_loops": sum(loop.spills for loop in self.loops),
                 "fmla_per_instruction": round(fmla / instructions, 3) if instructions else None,
                 "fmla_by_arrangement": dict(sorted(self.fmla_by_arrangement.items())),
-                "fcvtl": self.widening_conversions}
+                "fcvtl": self.widening_conversions, "undecoded": self.undecoded}
+
+
+def kernel_name(symbol: str) -> str:
+    """The TIR function a symbol of a TVM library comes from: ``__tvm_ffi_f`` (its entry) and ``f_compute_``
+    (the body of its parallel loop) are both ``f``."""
+    return symbol.removeprefix("__tvm_ffi_").removesuffix("_compute_")
 
 
 def parse_functions(disassembly: str) -> dict[str, list[Instruction]]:
@@ -132,10 +146,10 @@ def fma_loops(function: str, body: list[Instruction]) -> list[FmaLoop]:
     out = []
     for lo, hi in innermost:
         inside = [ins for ins in body if lo <= ins.address <= hi]
-        fmla = sum(1 for ins in inside if ins.vector_fma)
-        if fmla:
-            out.append(FmaLoop(function, lo, hi, len(inside), fmla, sum(ins.is_stack_access for ins in inside),
-                               sum(ins.is_branch for ins in inside) - 1))
+        arrangements = [a for ins in inside if (a := ins.vector_fma)]
+        if arrangements:
+            out.append(FmaLoop(function, lo, hi, len(inside), len(arrangements), frozenset(arrangements),
+                               sum(ins.is_stack_access for ins in inside), sum(ins.is_branch for ins in inside) - 1))
     return out
 
 
@@ -148,6 +162,8 @@ def analyze_disassembly(disassembly: str) -> LibraryFmas:
                 result.fmla_by_arrangement[arrangement] += 1
             elif ins.mnemonic in ("fcvtl", "fcvtl2"):
                 result.widening_conversions += 1
+            elif ins.mnemonic == UNKNOWN:
+                result.undecoded += 1
     return result
 
 
@@ -156,7 +172,7 @@ def analyze_library(path: Path) -> LibraryFmas:
     objdump = find_objdump()
     if objdump is None:
         raise ObjdumpUnavailable("llvm-objdump not found: install llvm (apt-get install llvm)")
-    out = subprocess.run([objdump, "-d", "--no-show-raw-insn", str(path)], capture_output=True, text=True,
+    out = subprocess.run([objdump, "-d", "--no-show-raw-insn", f"--mattr={DECODE_FEATURES}", str(path)], capture_output=True, text=True,
                          encoding="utf-8", timeout=300, check=False)
     if out.returncode != 0:
         raise ObjdumpUnavailable(f"llvm-objdump -d failed: {out.stderr.strip()[:300]}")

@@ -190,7 +190,9 @@ class Contraction(CPURule):
         tile = {v_iv.var: nv * vec if w_iv is None else vec}
         if u_iv is not None:
             tile[u_iv.var] = mr
-        self._pack_operands(sch, main, operands, plan, u_iv.var if u_iv is not None else None, tile)
+        # a broadcast weight read by row vectors (below) keeps its rows contiguous along the last reduction axis
+        rows_read_along = reduce_[-1].var if isa.row_registers and reduce_ else None
+        self._pack_operands(sch, main, operands, plan, u_iv.var if u_iv is not None else None, tile, rows_read_along)
         v_loop = sch.fuse(loops[w_iv.var], loops[v_iv.var]) if w_iv is not None else loops[v_iv.var]
         logger.debug("Contraction: vector %s%s (%d lanes) x rows %s, tile %dx%d, packed operand %s",
                      v_iv.var.name, f"*{w_iv.var.name}" if w_iv is not None else "", vec,
@@ -279,7 +281,8 @@ class Contraction(CPURule):
         return best_packed[4]
 
     @staticmethod
-    def _pack_operands(sch, main, operands: list[_Operand], plan: _Plan, rows, tile: dict) -> None:
+    def _pack_operands(sch, main, operands: list[_Operand], plan: _Plan, rows, tile: dict, rows_read_along=None
+                       ) -> None:
         """Copy operands into the layout the tile reads; ``rows``: the row axis' var (or None), ``tile``:
         iter var -> tile extent along it (the vector axis' tile width, the row axis' rows).
 
@@ -289,22 +292,30 @@ class Contraction(CPURule):
         (mixer_s32's 4 MB channel-MLP weights do not stay in cache between calls: 1.41 ms cold vs 0.97 hot in
         the row-major layout). Its copy is a layout-rewrite preprocessing block, which
         ``fold_weight_transforms`` moves out of the library and runs once at compile time. Other operands
-        that need packing (``plan.pack``) are copied with the vector dim last, once per call.
+        that need packing (``plan.pack``) are copied with the vector dim last, once per call. With
+        ``rows_read_along`` (a reduction axis), a broadcast weight is laid out with that axis last instead, since
+        each tile row is read as vectors along it.
         """
         weights = _layout_free_buffers(sch.mod["main"])
         for i, op in enumerate(operands):
-            layout = None  # (dim, panel width or None for "dim last")
+            layout = None  # (dim, panel width or None for "dim last", folded at compile time)
+            is_weight = any(op.load.source.same_as(w) for w in weights)
             # the vector operand is read along v, a broadcast one along the rows
             axis = plan.v if op.strides[plan.v] == 1 else rows if op.strides[plan.v] == 0 else None
-            if axis is not None and any(op.load.source.same_as(w) for w in weights):
+            if axis is rows and rows_read_along is not None:
+                axis = None
+                dim = _pure_index_dim(op.load, rows_read_along)
+                if is_weight and op.strides[rows_read_along] != 1 and dim is not None:
+                    layout = (dim, None, True)
+            if axis is not None and is_weight:
                 dim = _pure_index_dim(op.load, axis)
                 if dim is not None and tile[axis] > 1 and buffer_shape(op.load.source)[dim] % tile[axis] == 0:
-                    layout = (dim, tile[axis])
+                    layout = (dim, tile[axis], True)
             if layout is None and i == plan.pack:
-                layout = (plan.pack_dim, None)
+                layout = (plan.pack_dim, None, False)
             if layout is None:
                 continue
-            dim, width = layout
+            dim, width, folded = layout
             block = sch.get(main)
             read_index = next(k for k, r in enumerate(block.reads) if r.source.same_as(op.load.source))
             copy = sch.cache_read(main, read_index, "global")
@@ -314,12 +325,13 @@ class Contraction(CPURule):
             else:
                 sch.transform_layout(main, ("read", read_index),
                                      lambda *idx: [idx[dim] // width, *(idx[d] for d in order), idx[dim] % width])
+            if folded:
                 sch.annotate(copy, LAYOUT_REWRITE_PREPROC, True)
 
     @staticmethod
     def _load_rows_as_vectors(sch, main, v, k, k_outer) -> None:
         """Copy the broadcast operand's k_unroll values of each tile row into a small "global" buffer per step
-        of ``k_outer``, the copy vectorized along ``k`` when the operand is contiguous there: LLVM keeps the
+        of ``k_outer`` (a vector copy, when the operand is contiguous along ``k``): LLVM keeps the
         buffer in registers, one vector per row, and its FMAs read them by lane (``fmla v.4s, v.4s, v.s[i]``)
         instead of loading each scalar again (28 ``ldr s`` per 56 fmla in mixer_s16's 7x2 rpi5 tile)."""
         block = sch.get(main)
@@ -329,7 +341,7 @@ class Contraction(CPURule):
         for load in loads:
             strides = (access_stride(load.indices, buffer_shape(load.source), v),
                        access_stride(load.indices, buffer_shape(load.source), k))
-            if strides[0] != 0 or strides[1] is None or strides[1] == 0:
+            if strides != (0, 1):  # a weight in row panels (contiguous along rows) is read as it is
                 continue
             read_index = next(i for i, r in enumerate(block.reads) if r.source.same_as(load.source))
             rows = sch.cache_read(main, read_index, CPU_ACC_SCOPE)
@@ -338,10 +350,7 @@ class Contraction(CPURule):
             *row_loops, inner = sch.get_loops(rows)[depth:]
             for loop in row_loops:
                 sch.unroll(loop)
-            if strides[1] == 1:
-                sch.vectorize(inner)
-            else:
-                sch.unroll(inner)
+            sch.vectorize(inner)
             return
 
     @staticmethod
