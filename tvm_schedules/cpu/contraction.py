@@ -45,7 +45,7 @@ from .base import CPURule, logger
 from .common import (MIN_PARALLEL_ITERS, NotApplicable, access_stride, buffer_shape, get_sblock_realize, has_div_mod,
                      has_if_then_else, numel, pow2_divisor, root_blocks, schedule_spatial_block, static_extent,
                      tensor_loads, uses_var)
-from .isa import CPU_ACC_SCOPE, cpu_vector_lanes, cpu_vector_registers, gemm_tiles
+from .isa import CPU_ACC_SCOPE, cpu_isa_data, cpu_vector_lanes, cpu_vector_registers, gemm_tiles
 from ..workload import match_mac
 
 # Pack an operand (one copy per call) only when that widens the vector by at least this factor, or when
@@ -185,11 +185,14 @@ class Contraction(CPURule):
         v_ext = int(v_iv.dom.extent) * (int(w_iv.dom.extent) if w_iv is not None else 1)
         u_ext = int(u_iv.dom.extent) if u_iv is not None else 1
         vec = pow2_divisor(v_ext, lanes) if w_iv is not None else plan.vec
-        mr, nv = gemm_tiles(u_ext, v_ext, vec, cpu_vector_registers(target), acc_bytes)
+        isa = cpu_isa_data(target)
+        mr, nv = gemm_tiles(u_ext, v_ext, vec, cpu_vector_registers(target), acc_bytes, isa)
         tile = {v_iv.var: nv * vec if w_iv is None else vec}
         if u_iv is not None:
             tile[u_iv.var] = mr
-        self._pack_operands(sch, main, operands, plan, u_iv.var if u_iv is not None else None, tile)
+        # a broadcast weight read by row vectors (below) keeps its rows contiguous along the last reduction axis
+        rows_read_along = reduce_[-1].var if isa.row_registers and reduce_ else None
+        self._pack_operands(sch, main, operands, plan, u_iv.var if u_iv is not None else None, tile, rows_read_along)
         v_loop = sch.fuse(loops[w_iv.var], loops[v_iv.var]) if w_iv is not None else loops[v_iv.var]
         logger.debug("Contraction: vector %s%s (%d lanes) x rows %s, tile %dx%d, packed operand %s",
                      v_iv.var.name, f"*{w_iv.var.name}" if w_iv is not None else "", vec,
@@ -210,7 +213,12 @@ class Contraction(CPURule):
             else:
                 outer.append((iv, loops[iv.var]))
         outer = [loop for _, loop in self._order_outer(outer, v_iv, u_iv, operands, mr, (v_ext, nv * vec))]
-        sch.reorder(*outer, *[loops[iv.var] for iv in reduce_], *tile_loops)
+        reduce_loops = [loops[iv.var] for iv in reduce_]
+        sch.reorder(*outer, *reduce_loops, *tile_loops)
+        k_unroll = pow2_divisor(static_extent(sch, reduce_loops[-1]) or 1, isa.k_unroll) if reduce_loops else 1
+        if k_unroll > 1:  # unrolled inside the tile loops, so each row's broadcasts load as one vector
+            reduce_loops[-1:] = sch.split(reduce_loops[-1], [None, k_unroll])
+            sch.unroll(reduce_loops[-1])
         fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
         work = 1
         for d in main_info.dom():
@@ -223,8 +231,10 @@ class Contraction(CPURule):
         sch.unroll(v_nv)
         if u_iv is not None:
             sch.unroll(tile_loops[0])
+        if k_unroll > 1 and isa.row_registers:
+            self._load_rows_as_vectors(sch, main, v_iv.var, reduce_[-1].var, reduce_loops[-2])
         if reduce_:
-            sch.decompose_reduction(main, loops[reduce_[0].var])
+            sch.decompose_reduction(main, reduce_loops[0])
         self._schedule_epilogue(sch, epilogue, lanes, match_mac(sch.get(main))[0].buffer)
 
         # 5. whatever is left at the root (padding, packing, other outputs): parallel vector loops.
@@ -271,7 +281,8 @@ class Contraction(CPURule):
         return best_packed[4]
 
     @staticmethod
-    def _pack_operands(sch, main, operands: list[_Operand], plan: _Plan, rows, tile: dict) -> None:
+    def _pack_operands(sch, main, operands: list[_Operand], plan: _Plan, rows, tile: dict, rows_read_along=None
+                       ) -> None:
         """Copy operands into the layout the tile reads; ``rows``: the row axis' var (or None), ``tile``:
         iter var -> tile extent along it (the vector axis' tile width, the row axis' rows).
 
@@ -281,22 +292,30 @@ class Contraction(CPURule):
         (mixer_s32's 4 MB channel-MLP weights do not stay in cache between calls: 1.41 ms cold vs 0.97 hot in
         the row-major layout). Its copy is a layout-rewrite preprocessing block, which
         ``fold_weight_transforms`` moves out of the library and runs once at compile time. Other operands
-        that need packing (``plan.pack``) are copied with the vector dim last, once per call.
+        that need packing (``plan.pack``) are copied with the vector dim last, once per call. With
+        ``rows_read_along`` (a reduction axis), a broadcast weight is laid out with that axis last instead, since
+        each tile row is read as vectors along it.
         """
         weights = _layout_free_buffers(sch.mod["main"])
         for i, op in enumerate(operands):
-            layout = None  # (dim, panel width or None for "dim last")
+            layout = None  # (dim, panel width or None for "dim last", folded at compile time)
+            is_weight = any(op.load.source.same_as(w) for w in weights)
             # the vector operand is read along v, a broadcast one along the rows
             axis = plan.v if op.strides[plan.v] == 1 else rows if op.strides[plan.v] == 0 else None
-            if axis is not None and any(op.load.source.same_as(w) for w in weights):
+            if axis is rows and rows_read_along is not None:
+                axis = None
+                dim = _pure_index_dim(op.load, rows_read_along)
+                if is_weight and op.strides[rows_read_along] != 1 and dim is not None:
+                    layout = (dim, None, True)
+            if axis is not None and is_weight:
                 dim = _pure_index_dim(op.load, axis)
                 if dim is not None and tile[axis] > 1 and buffer_shape(op.load.source)[dim] % tile[axis] == 0:
-                    layout = (dim, tile[axis])
+                    layout = (dim, tile[axis], True)
             if layout is None and i == plan.pack:
-                layout = (plan.pack_dim, None)
+                layout = (plan.pack_dim, None, False)
             if layout is None:
                 continue
-            dim, width = layout
+            dim, width, folded = layout
             block = sch.get(main)
             read_index = next(k for k, r in enumerate(block.reads) if r.source.same_as(op.load.source))
             copy = sch.cache_read(main, read_index, "global")
@@ -306,7 +325,33 @@ class Contraction(CPURule):
             else:
                 sch.transform_layout(main, ("read", read_index),
                                      lambda *idx: [idx[dim] // width, *(idx[d] for d in order), idx[dim] % width])
+            if folded:
                 sch.annotate(copy, LAYOUT_REWRITE_PREPROC, True)
+
+    @staticmethod
+    def _load_rows_as_vectors(sch, main, v, k, k_outer) -> None:
+        """Copy the broadcast operand's k_unroll values of each tile row into a small "global" buffer per step
+        of ``k_outer`` (a vector copy, when the operand is contiguous along ``k``): LLVM keeps the
+        buffer in registers, one vector per row, and its FMAs read them by lane (``fmla v.4s, v.4s, v.s[i]``)
+        instead of loading each scalar again (28 ``ldr s`` per 56 fmla in mixer_s16's 7x2 rpi5 tile)."""
+        block = sch.get(main)
+        store, loads = match_mac(block)
+        var = {iv.var.name: iv.var for iv in block.iter_vars}
+        v, k = var[v.name], var[k.name]
+        for load in loads:
+            strides = (access_stride(load.indices, buffer_shape(load.source), v),
+                       access_stride(load.indices, buffer_shape(load.source), k))
+            if strides != (0, 1):  # a weight in row panels (contiguous along rows) is read as it is
+                continue
+            read_index = next(i for i, r in enumerate(block.reads) if r.source.same_as(load.source))
+            rows = sch.cache_read(main, read_index, CPU_ACC_SCOPE)
+            depth = 1 + [sch.get(lp).same_as(sch.get(k_outer)) for lp in sch.get_loops(main)].index(True)
+            sch.compute_at(rows, k_outer, preserve_unit_loops=True)
+            *row_loops, inner = sch.get_loops(rows)[depth:]
+            for loop in row_loops:
+                sch.unroll(loop)
+            sch.vectorize(inner)
+            return
 
     @staticmethod
     def _choose_row_axis(spatial, v_iv, operands, out_strides):

@@ -4,13 +4,41 @@ Shared by the CycleFC kernel (``tvm_schedules.cyclefc``) and the default CPU rul
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import tvm
 
-__all__ = ["cpu_isa", "cpu_vector_lanes", "cpu_vector_registers", "cpu_tiles", "CPU_ACC_SCOPE",
-           "MAX_STACK_ALLOCA_BYTES"]
+__all__ = ["cpu_isa", "cpu_isa_data", "cpu_vector_lanes", "cpu_vector_registers", "cpu_tiles", "gemm_tiles",
+           "CpuIsa", "CPU_ACC_SCOPE", "MAX_STACK_ALLOCA_BYTES"]
 
-# ISA level -> (SIMD lanes of 32-bit floats, vector registers).
-CPU_ISA = {"avx512": (16, 32), "avx2": (8, 16), "neon": (4, 32), "sse": (4, 16)}
+
+@dataclass(frozen=True)
+class CpuIsa:
+    """What the contraction tiles depend on, per SIMD level.
+
+    ``k_unroll`` and ``row_registers`` describe how LLVM's aarch64 backend feeds a by-element FMA: with the
+    reduction loop unrolled 4x, the 4 consecutive broadcast scalars of one tile row become one ``ldr q`` and
+    ``fmla v.4s, v.4s, v.s[i]`` reads them by lane, so each row holds a register of its own (x86 broadcasts one
+    scalar at a time: one register for all rows, and no unroll, what its tuning records were made against).
+    ``guarded_tile_weight`` discounts a tile whose rows do not divide the row extent: its guard stays inside the
+    reduction loop (x86: 0.85, measured; aarch64: 0.5, read from the code: the accumulators live across the
+    guard spill, 27 stack accesses per iteration in mixer_s16's rpi5 loops, so a dividing tile is taken unless
+    the guarded one holds twice the FMAs per load).
+    """
+
+    lanes32: int  # SIMD lanes of 32-bit floats
+    registers: int  # vector registers
+    k_unroll: int = 1  # reduction steps unrolled in the tile loop
+    row_registers: bool = False  # each tile row keeps its k_unroll broadcast values in a register
+    guarded_tile_weight: float = 0.85
+    # Registers kept free besides the one spare when the accumulators are 16-bit: aarch64's by-element float16
+    # fmla reads its element from v0-v15 only, so a tile that fits 32 registers in float32 spills in float16
+    # (resmlp_12's 7x3 tile: 31 stack accesses per loop).
+    half_spare_registers: int = 0
+
+
+CPU_ISA = {"avx512": CpuIsa(16, 32), "avx2": CpuIsa(8, 16), "sse": CpuIsa(4, 16),
+           "neon": CpuIsa(4, 32, k_unroll=4, row_registers=True, guarded_tile_weight=0.5, half_spare_registers=1)}
 # -mcpu -> ISA level; anything not listed falls back to -mattr, then to the triple.
 MCPU_ISA = {
     "x86-64-v4": "avx512", "skylake-avx512": "avx512", "cascadelake": "avx512", "cooperlake": "avx512",
@@ -46,42 +74,54 @@ def cpu_isa(target: tvm.target.Target) -> str:
     return "sse"
 
 
+def cpu_isa_data(target: tvm.target.Target) -> CpuIsa:
+    return CPU_ISA[cpu_isa(target)]
+
+
 def cpu_vector_lanes(target: tvm.target.Target, dtype: str = "float32") -> int:
     """SIMD lanes of ``dtype`` on this llvm target: 16 float32 for AVX-512, 8 for AVX2, 4 for NEON/SSE."""
-    lanes32 = CPU_ISA[cpu_isa(target)][0]
-    return max(1, lanes32 * 32 // tvm.runtime.DataType(dtype).bits)
+    return max(1, cpu_isa_data(target).lanes32 * 32 // tvm.runtime.DataType(dtype).bits)
 
 
 def cpu_vector_registers(target: tvm.target.Target) -> int:
     """Architectural SIMD registers: 32 for AVX-512 and NEON, 16 for AVX2/SSE."""
-    return CPU_ISA[cpu_isa(target)][1]
+    return cpu_isa_data(target).registers
 
 
 def _divisors_desc(n: int, hi: int, lo: int = 1) -> list[int]:
     return [d for d in range(min(hi, n), max(lo, 1) - 1, -1) if n % d == 0]
 
 
-def gemm_tiles(m: int, n: int, vec: int, nregs: int, acc_bytes: int = 4) -> tuple[int, int]:
+def gemm_tiles(m: int, n: int, vec: int, nregs: int, acc_bytes: int = 4, isa: CpuIsa | None = None
+               ) -> tuple[int, int]:
     """Register tile (mr, nv) for a GEMM-like loop nest with ``vec``-lane vectors along ``n``: mr rows of
     ``m`` (broadcast operand) by nv vectors (vector operand), for the default CPU rules.
 
     Unlike :func:`cpu_tiles` (tuned on the CycleFC kernel, K = 64), the score is FMAs per operand load,
-    mr*nv / (mr + nv), what bounds a long-K GEMM (mixer_s16's 196x2048x512 on the Zen 4 here: 14x1 ran
-    6.3 ms, 7x2 5.3, 3x4 4.0), times the fraction of tile rows that are real; a tile whose rows do not
-    divide ``m`` is guarded by a branch that LLVM leaves inside the reduction loop, so it counts 0.85
-    (196 rows: 7x2 beat a guarded 3x4, 3.7 vs 4.0 ms; 1024 rows: a guarded 3x4 beat 2x4, 4.8 vs 5.5 ms).
-    Limits: accumulators + nv vector loads + 1 broadcast + 1 spare <= nregs, the tile under the 1 KiB
-    stack-allocation limit, mr <= 16, nv <= 4 and dividing n / vec.
+    mr*nv / (mr / r + nv) where one load of a row's broadcast operand serves r = ``isa.k_unroll`` reduction
+    steps with ``isa.row_registers`` (else r = 1: mr*nv / (mr + nv)), what bounds a long-K GEMM (mixer_s16's
+    196x2048x512 on the Zen 4 here: 14x1 ran 6.3 ms, 7x2 5.3, 3x4 4.0), times the fraction of tile rows that are real; a tile whose rows do not
+    divide ``m`` is guarded by a branch that LLVM leaves inside the reduction loop, so it counts
+    ``isa.guarded_tile_weight`` (x86: 0.85; 196 rows: 7x2 beat a guarded 3x4, 3.7 vs 4.0 ms; 1024 rows: a
+    guarded 3x4 beat 2x4, 4.8 vs 5.5 ms). Limits: accumulators + nv vector loads + the broadcast registers (1, or mr
+    with ``isa.row_registers``) + 1 spare <= nregs, the tile under the 1 KiB stack-allocation limit, mr <= 16,
+    nv <= 4 and dividing n / vec.
     """
+    isa = isa or CPU_ISA["avx512"]
+    row_registers = isa.row_registers
+    reuse = isa.k_unroll if row_registers else 1
+    nregs -= isa.half_spare_registers if acc_bytes < 4 else 0
     nvec = max(1, n // vec)
     max_tile = max(1, (MAX_STACK_ALLOCA_BYTES - 1) // (vec * acc_bytes))
     best = None
     for nv in _divisors_desc(nvec, 4):
-        mr_max = min((nregs - 2 - nv) // nv, max_tile // nv, MAX_TILE_ROWS, max(m, 1))
+        per_row = nv + 1 if row_registers else nv  # registers one more tile row takes
+        mr_max = min((nregs - 1 - nv - (0 if row_registers else 1)) // per_row, max_tile // nv, MAX_TILE_ROWS,
+                     max(m, 1))
         for mr in range(mr_max, 0, -1):
             tiles = -(-m // mr)
             used = m / (tiles * mr)
-            score = mr * nv / (mr + nv) * used * (1.0 if m % mr == 0 else 0.85)
+            score = mr * nv / (mr / reuse + nv) * used * (1.0 if m % mr == 0 else isa.guarded_tile_weight)
             key = (round(score, 6), mr * nv, nv)
             if best is None or key > best[0]:
                 best = (key, (mr, nv))

@@ -1,0 +1,90 @@
+"""The aarch64 code of the contractions, read from the built library's disassembly (llvm-objdump): no spill in a
+loop that holds vector FMAs, at least 0.7 fmla per instruction in the contractions' loops (ONNX Runtime's aarch64
+SGEMM loop: 0.83), and with --fp16 on a core with float16 arithmetic, those loops in float16 (``fmla v.8h``).
+
+The libraries are real builds for rpi5 (Cortex-A76); their numerics are checked under qemu in test_aarch64.py.
+"""
+import pytest
+
+from conftest import linker_available
+from pipeline.toolchain.fma_loops import analyze_disassembly, analyze_library, find_objdump
+
+# FMAs per instruction the register tiles must reach in a contraction's loop (the issue's goal on Arm).
+MIN_FMLA_PER_INSTRUCTION = 0.7
+DEFAULT_MODEL = "mixer_s16_224"  # the default suite's; the others under -m slow
+
+
+def test_loops_spills_and_ratio_are_read_from_the_disassembly():
+    """A loop with a spill and a guard inside, a loop without FMAs, a loop nest: what counts is the innermost loop
+    holding vector fmla."""
+    text = """
+0000000000001000 <k_compute_>:
+    1000:      	movi	v0.2d, #0000000000000000
+    1004:      	ldr	q1, [x1], #16
+    1008:      	fmla	v0.4s, v1.4s, v2.s[0]
+    100c:      	cmp	w3, #85
+    1010:      	b.ge	0x101c <k_compute_+0x1c>
+    1014:      	str	q0, [sp, #16]
+    1018:      	fmla	v3.8h, v1.8h, v2.h[1]
+    101c:      	subs	x2, x2, #1
+    1020:      	b.ne	0x1004 <k_compute_+0x4>
+    1024:      	add	x0, x0, #1
+    1028:      	cbnz	x0, 0x1000 <k_compute_>
+    102c:      	ldr	s1, [sp, #4]
+    1030:      	subs	x5, x5, #1
+    1034:      	b.ne	0x102c <k_compute_+0x2c>
+"""
+    result = analyze_disassembly(text)
+    (loop,) = result.loops
+    assert (loop.start, loop.end, loop.instructions) == (0x1004, 0x1020, 8)
+    assert (loop.fmla, loop.spills, loop.branches) == (2, 1, 1)
+    assert loop.arrangements == {"4s", "8h"} and loop.fmla_per_instruction == 0.25
+    assert result.fmla_by_arrangement == {"4s": 1, "8h": 1} and result.undecoded == 0
+
+
+def rpi5_library(model: str, fp16: bool, work):
+    """Front end, optimize and build for rpi5 (no verification: test_aarch64 runs the numerics under qemu)."""
+    from pipeline.run import front_end, untimed
+    from pipeline.spec import BuildSpec, resolve_target
+    from pipeline.stages.build import build
+    from pipeline.stages.optimize import optimize
+    from tvm import tirx
+    from tvm_schedules.scheduled import scheduled_by
+
+    spec = BuildSpec(model=model, target="rpi5", fp16=fp16)
+    front = front_end(spec, work, untimed)
+    mod, _params, _ = optimize(front.mod, front.params, resolve_target(spec), fp16)
+    build(mod, resolve_target(spec), work / "lib.so")
+    marks = {gv.name_hint: scheduled_by(f) for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
+    return work / "lib.so", {name: shape for name, (rule, shape) in marks.items() if rule == "Contraction"}
+
+
+@pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("model", [DEFAULT_MODEL, pytest.param("resmlp_12_224", marks=pytest.mark.slow),
+                                   pytest.param("cyclemlp_b1", marks=[pytest.mark.slow, pytest.mark.xfail(
+                                       strict=True, reason="its 3x3 stride-2 convs (18 stack accesses per loop) "
+                                       "and its channel LayerNorm (24) still spill on rpi5")])])
+def test_rpi5_fma_loops_do_not_spill_and_keep_the_fma_pipes_busy(model, fp16, tmp_path):
+    if find_objdump() is None:
+        pytest.skip("llvm-objdump not installed (apt-get install llvm)")
+    if not linker_available():
+        pytest.skip("no aarch64 linker: run scripts/setup_aarch64_runtime.sh")
+    lib, contractions = rpi5_library(model, fp16, tmp_path)
+    result = analyze_library(lib)
+    assert result.undecoded == 0
+    spilling = [loop.as_dict() for loop in result.loops if loop.spills]
+    assert not spilling, f"{len(spilling)} FMA loops spill: {spilling[:4]}"
+    # Matrix-vector products (one row or one column) load one weight vector per FMA: at most 2 fmla per ldp,
+    # so they are held only to the no-spill rule.
+    matrix = {name for name, shape in contractions.items() if min(shape["m"], shape["n"]) > 1}
+    assert matrix, "no matrix-matrix contraction to judge"
+    wanted = "8h" if fp16 else "4s"
+    for name in sorted(matrix):
+        loops = result.loops_of(name)
+        assert loops, f"{name}: no FMA loop found in the library"
+        for loop in loops:
+            described = f"{name} {loop.as_dict()}"
+            assert loop.fmla_per_instruction >= MIN_FMLA_PER_INSTRUCTION, described
+            assert loop.arrangements == {wanted}, described
+    if fp16:
+        assert result.fmla_by_arrangement["8h"] > 0
