@@ -67,6 +67,15 @@ if [[ -z "$QEMU" ]]; then
 else
     log "qemu present: $QEMU"
 fi
+# llvm-objdump reads the aarch64 libraries' FMA loops (pipeline/toolchain/fma_loops.py, tests/test_fma_loops.py).
+if ! compgen -c llvm-objdump >/dev/null; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends llvm >/dev/null
+    log "installed llvm $(dpkg-query -W -f='${Version}' llvm): $(compgen -c llvm-objdump | head -1)"
+else
+    log "llvm-objdump present: $(compgen -c llvm-objdump | head -1)"
+fi
 
 # ---------------------------------------------------------------- 2. arm64 userland (sysroot)
 SYSROOT="$ROOT/sysroot"
