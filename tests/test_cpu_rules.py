@@ -5,6 +5,7 @@ stage's integration (by target kind, report, already-scheduled functions left al
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -174,7 +175,13 @@ def test_layer_norm(rows, width):
 
     ref = lambda x, g, b: torch.nn.functional.layer_norm(  # noqa: E731
         torch.from_numpy(x), (width,), torch.from_numpy(g), torch.from_numpy(b)).numpy()
-    check(emit, [(1, rows, width), (width,), (width,)], "RowReduction", ref, rtol=1e-4, atol=1e-5)
+    scheduled = check(emit, [(1, rows, width), (width,), (width,)], "RowReduction", ref, rtol=1e-4, atol=1e-5)
+    if width % 16 == 0:  # both row sums (mean, variance) are vectors of partials, and so is the normalization
+        assert vector_widths(scheduled).count(16) >= 3, scripts(scheduled)
+
+
+def vector_widths(mod: tvm.IRModule) -> list[int]:
+    return [int(w) for w in re.findall(r"T\.vectorized\(T\.int64\((\d+)\)\)", scripts(mod))]
 
 
 @pytest.mark.parametrize("shape, axis", [((3, 1, 64), 0), ((5, 37), -1)])
@@ -183,8 +190,12 @@ def test_softmax(shape, axis):
           lambda x: torch.softmax(torch.from_numpy(x), axis).numpy())
 
 
-def test_mean_over_tokens():
-    check(lambda x: relax.op.mean(x, axis=[1]), [(1, 196, 50)], "RowReduction", lambda x: x.mean(1), rtol=1e-5)
+@pytest.mark.parametrize("channels", [50, 512])
+def test_mean_over_tokens(channels):
+    scheduled = check(lambda x: relax.op.mean(x, axis=[1]), [(1, 196, channels)], "RowReduction",
+                      lambda x: x.mean(1), rtol=1e-5)
+    if channels % 16 == 0:  # strided tokens: 16 channels summed side by side, not one scalar chain per channel
+        assert 16 in vector_widths(scheduled), scripts(scheduled)
 
 
 @pytest.mark.parametrize("shape", [(1, 196, 512), (3, 7, 5)])

@@ -45,6 +45,11 @@ class RowReduction(CPURule):
         last = infos[-1]
         loops = sch.get_loops(last.block_rv)
         row_loop = sch.fuse(*loops[:rows]) if rows > 1 else loops[0]
+        # Reductions across rows (a mean over strided tokens): the rows are the vector, summed side by side.
+        columns = None if partials else self._column_vector(sch, infos, rows, row_loop, target)
+        if columns is not None:
+            row_loop = sch.split(row_loop, [None, columns])[0]
+            partials = [(info.block_rv, info.block_rv, columns) for info in infos if not info.is_injective()]
         work = 1
         for info in infos:
             n = 1
@@ -57,11 +62,12 @@ class RowReduction(CPURule):
             for rf in partials:
                 if sch.get(rf[1]).same_as(sch.get(info.block_rv)):
                     sch.compute_at(info.block_rv, row_loop, preserve_unit_loops=True)
-                    sch.compute_at(rf[0], row_loop, preserve_unit_loops=True)
+                    if columns is None:
+                        sch.compute_at(rf[0], row_loop, preserve_unit_loops=True)
                     break
             else:
                 sch.compute_at(info.block_rv, row_loop, preserve_unit_loops=True)
-        for rf, _ in partials:  # loops below the row: the reduction outside, the vector of partials inside
+        for rf, _, vec in partials:  # loops below the row: the reduction outside, the vector of partials inside
             stmt = sch.get(rf)
             values = get_sblock_realize(sch, rf).iter_values
             kinds = {}
@@ -69,7 +75,10 @@ class RowReduction(CPURule):
                 users = [iv for iv, val in zip(stmt.iter_vars, values) if uses_var(val, sch.get(lp).loop_var)]
                 if len(users) == 1:
                     kinds[lp] = users[0].iter_type
-            lanes_loop = [lp for lp, kind in kinds.items() if kind == tirx.IterVar.DataPar][-1]
+            # The partials' loop, of the vector's extent: compute_at leaves unit loops of the row's iters here too
+            # (vectorizing one of those vectorized nothing: layer_norm's sums ran as scalar chains).
+            lanes_loop = [lp for lp, kind in kinds.items()
+                          if kind == tirx.IterVar.DataPar and static_extent(sch, lp) == vec][-1]
             reduce_loops = [lp for lp, kind in kinds.items() if kind == tirx.IterVar.CommReduce]
             sch.reorder(*reduce_loops, lanes_loop)
             sch.vectorize(lanes_loop)
@@ -85,9 +94,34 @@ class RowReduction(CPURule):
         return sch
 
     @staticmethod
+    def _column_vector(sch, infos, rows: int, row_loop, target) -> int | None:
+        """The vector width for summing rows side by side, when every reduction reads its rows with a stride and
+        the last row axis contiguously (a mean over tokens of [tokens, channels]); else None."""
+        lanes, vec = None, None
+        for info in infos:
+            if info.is_injective():
+                continue
+            stmt = sch.get(info.block_rv)
+            store = stmt.body
+            if not isinstance(store, tirx.BufferStore) or len(stmt.iter_vars) <= rows:
+                return None
+            lanes = cpu_vector_lanes(target, str(store.buffer.ty.dtype))
+            last_row, reduced = stmt.iter_vars[rows - 1].var, [iv.var for iv in stmt.iter_vars[rows:]]
+            for ld in tensor_loads(store.value):
+                if ld.source.same_as(store.buffer):
+                    continue
+                shape = buffer_shape(ld.source)
+                if access_stride(ld.indices, shape, last_row) not in (0, 1) or \
+                        any(access_stride(ld.indices, shape, r) in (1, None) for r in reduced):
+                    return None
+        extent = static_extent(sch, row_loop)
+        vec = pow2_divisor(extent, lanes) if lanes and extent else 1
+        return vec if vec >= min(4, lanes or 4) and extent // vec >= 2 else None
+
+    @staticmethod
     def _vector_partials(sch, block, target):
         """rfactor the innermost reduction loop of ``block`` by the vector width when the row is contiguous;
-        returns (rf block, block) or None."""
+        returns (rf block, block, vector width) or None."""
         stmt = sch.get(block)
         loops = sch.get_loops(block)
         if not loops or stmt.iter_vars[-1].iter_type != tirx.IterVar.CommReduce or len(loops) != len(stmt.iter_vars):
@@ -104,4 +138,4 @@ class RowReduction(CPURule):
         if vec < min(4, lanes) or extent < 2 * vec or 1 not in strides or any(st not in (0, 1) for st in strides):
             return None
         _, inner = sch.split(loops[-1], [None, vec])
-        return sch.rfactor(inner, factor_axis=len(stmt.iter_vars) - 1), block
+        return sch.rfactor(inner, factor_axis=len(stmt.iter_vars) - 1), block, vec
