@@ -30,6 +30,10 @@ from .spec import BuildSpec, resolve_target
 AUTO_MAX_LAYERS = 8
 
 
+class LayersDiverged(NumericsFailed):
+    """`diagnose` found a layer, or the logits, past tolerance."""
+
+
 @dataclass(frozen=True)
 class LayerCheck:
     """One module's output in the compiled model against PyTorch's."""
@@ -76,6 +80,13 @@ class Diagnosis:
     def first_divergent(self) -> LayerCheck | None:
         return next((c for c in self.layers if not c.passed), None)
 
+    def raise_if_diverged(self) -> None:
+        first = self.first_divergent
+        if first or not self.output.passed:
+            where = (f"first divergent layer {first.layer} ({first.kind}, #{first.index}: allclose {first.allclose:.3g} "
+                     f"of 1, NaN {first.nan}, Inf {first.inf})" if first else self.output.describe())
+            raise LayersDiverged(f"{self.model} on {self.target} ({self.precision}): {where}")
+
     def to_json(self) -> dict:
         first = self.first_divergent
         return {**dataclasses.asdict(self), "first_divergent": first.layer if first else None}
@@ -106,7 +117,7 @@ def diagnose(spec: BuildSpec, listener: StageListener = lambda *_: None,
 
     def add_probes(path: Path, model, inputs) -> None:
         layer_reference.update(run_torch_layers(model, inputs))
-        probes.extend(add_probe_outputs(path, module_kinds(model), {k: v.shape for k, v in layer_reference.items()}))
+        probes.extend(add_probe_outputs(path, module_kinds(model), layer_reference, inputs))
 
     with staged(listener) as (stage, timings), tempfile.TemporaryDirectory(prefix="pipeline-diagnose-") as tmp:
         work = Path(tmp)

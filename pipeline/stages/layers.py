@@ -14,7 +14,9 @@ import fnmatch
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
+import onnxruntime as ort
 import torch.nn as nn
 
 from tvm_schedules.passes.keep_float32 import binding_name
@@ -120,30 +122,38 @@ class Probe:
     kind: str  # the module's class
 
 
-def add_probe_outputs(path: Path, modules: dict[str, str], shapes: dict[str, tuple[int, ...]]) -> list[Probe]:
-    """Make each module's output a graph output of the export at ``path`` (rewritten in place), in execution
-    order; return the probes. A module's output is the value of the last node in its scope; modules whose
-    output has another shape than PyTorch's (``shapes``, from forward hooks) are left out, and a value that is
-    the output of nested modules is named after the innermost."""
-    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)), data_prop=True)  # shapes through Reshape
+def add_probe_outputs(path: Path, modules: dict[str, str], reference: dict[str, np.ndarray],
+                      inputs: dict[str, np.ndarray]) -> list[Probe]:
+    """Make the output of each module in ``reference`` (PyTorch's, from forward hooks) a graph output of the
+    export at ``path`` (rewritten in place); return the probes in execution order.
+
+    A module's output is the value of the last node in its scope, when it has the shape of PyTorch's (else it is
+    not the module's output); a value that is the output of nested modules is named after the innermost. Shape
+    inference does not pass the export's dynamic reshapes, so shapes are taken from one ONNX Runtime run.
+    """
+    model = onnx.load(str(path))
     graph = model.graph
-    types = {v.name: v.type for v in [*graph.value_info, *graph.output]}
     last: dict[str, tuple[int, str]] = {}  # module -> (node index, value)
     for index, node in enumerate(graph.node):
         module = scope_module(node.name, modules)
         if module is None or node.op_type == "Constant" or not node.output:
             continue
-        for outer in [m for m in shapes if inside(module, m)]:
+        for outer in [m for m in reference if inside(module, m)]:
             last[outer] = (index, node.output[0])
     by_value: dict[str, tuple[int, str]] = {}
     for module, (index, value) in last.items():
-        dims = tuple(d.dim_value for d in types[value].tensor_type.shape.dim) if value in types else None
-        if dims == tuple(shapes[module]) and (value not in by_value or len(module) > len(by_value[value][1])):
+        if value not in by_value or len(module) > len(by_value[value][1]):
             by_value[value] = (index, module)
-    outputs = {o.name for o in graph.output}
-    probes = [Probe(value, module, modules[module]) for value, (_, module) in sorted(by_value.items(),
-                                                                                    key=lambda kv: kv[1][0])]
-    graph.output.extend(onnx.ValueInfoProto(name=p.value, type=types[p.value]) for p in probes
-                        if p.value not in outputs)
+    values = [v for v in by_value if v not in {o.name for o in graph.output}]
+    shaped = onnx.ModelProto()
+    shaped.CopyFrom(model)
+    shaped.graph.output.extend(onnx.helper.make_tensor_value_info(v, onnx.TensorProto.FLOAT, None) for v in values)
+    session = ort.InferenceSession(shaped.SerializeToString(), providers=["CPUExecutionProvider"])
+    shapes = dict(zip(values, (a.shape for a in session.run(values, inputs)), strict=True))
+    probes = [Probe(value, module, modules[module])
+              for value, (_, module) in sorted(by_value.items(), key=lambda kv: kv[1][0])
+              if shapes.get(value, reference[module].shape) == reference[module].shape]
+    graph.output.extend(onnx.helper.make_tensor_value_info(p.value, onnx.TensorProto.FLOAT, shapes[p.value])
+                        for p in probes if p.value in shapes)
     onnx.save(model, str(path))
     return probes
