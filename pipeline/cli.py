@@ -29,10 +29,13 @@ class StageProgress:
 
     def __call__(self, stage: str, seconds: float | None) -> None:
         if seconds is None:
+            if self._status is not None:  # the last stage raised, and the command went on (`--fp16 auto`)
+                self._status.stop()
             self._status = console.status(f"{stage}…")
             self._status.start()
             return
         self._status.stop()
+        self._status = None
         console.print(f"[green]✓[/green] {stage:<13} {seconds:7.2f} s")
 
 
@@ -102,6 +105,22 @@ keep_fp32_option = click.option(
          "type (Softmax). Repeat it or separate with commas; `diagnose` lists the paths.")
 
 
+def build_options(command):
+    """--batch, --weights, --seed and --cuda-arch: what is built, for `compile` and `diagnose` alike."""
+    for option in reversed((
+        click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Batch size compiled in."),
+        click.option("--weights", type=click.Path(path_type=Path, dir_okay=False), default=None,
+                     help="A PyTorch state_dict checkpoint (timm / official layout). Default: seeded random weights."),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seed of random weights and reference inputs."),
+        click.option("--cuda-arch", default=None, metavar="sm_XY",
+                     help="GPU architecture for the generic `cuda` target (default sm_87)."),
+    )):
+        command = option(command)
+    return command
+
+
 def _show_version(ctx, _param, value) -> None:
     if value and not ctx.resilient_parsing:
         commit = version.source_commit()
@@ -119,14 +138,9 @@ def cli() -> None:
 @cli.command("compile")
 @model_option
 @target_option()
-@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Batch size compiled in.")
-@click.option("--weights", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="A PyTorch state_dict checkpoint (timm / official layout). Default: seeded random weights.")
+@build_options
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Artifact directory. Default: artifacts/MODEL-TARGET[-sm_XY][-bN][-fp16].")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of random weights and reference inputs.")
-@click.option("--cuda-arch", default=None, metavar="sm_XY",
-              help="GPU architecture for the generic `cuda` target (default sm_87).")
 @click.option("--fp16", type=click.Choice(["on", "auto"]), is_flag=False, flag_value="on", default=None,
               help="Compute in float16; the library (or, where it cannot run here, its host twin) is held to the "
                    "variant's fp16 tolerance. `--fp16 auto`: if that fails, keep in float32 the layers `diagnose` "
@@ -160,11 +174,7 @@ def compile_cmd(model_name: str, target_name: str, batch: int, weights: Path | N
 @cli.command("diagnose")
 @model_option
 @target_option()
-@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Batch size compiled in.")
-@click.option("--weights", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="A PyTorch state_dict checkpoint, as for `compile`. Default: seeded random weights.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of random weights and reference inputs.")
-@click.option("--cuda-arch", default=None, metavar="sm_XY", help="GPU architecture for the generic `cuda` target.")
+@build_options
 @click.option("--fp16", is_flag=True, help="Diagnose the float16 build, held to the variant's fp16 tolerance.")
 @keep_fp32_option
 @click.option("--json", "json_out", type=click.Path(path_type=Path, dir_okay=False), default=None, metavar="FILE",

@@ -28,6 +28,11 @@ from .spec import BuildSpec, resolve_target
 
 # --fp16 auto gives up after keeping this many layers: past a few, float16 is no longer the model's precision.
 AUTO_MAX_LAYERS = 8
+# A layer whose elements break the allclose rule still passes with a relative L2 error within this many rtol:
+# float16 rounding accumulates over depth (cyclemlp_b1 --fp16, whose logits pass at allclose 0.27: its last
+# stage's layers at rel L2 up to 1.5e-2, allclose up to 1.4, measured), while what breaks a model is far off
+# (an overflow: Inf/NaN; the tests' wrong LayerNorm epsilon: rel L2 ~0.7).
+LAYER_REL_L2_RTOLS = 5
 
 
 class LayersDiverged(NumericsFailed):
@@ -46,21 +51,29 @@ class LayerCheck:
     max_rel: float
     atol: float  # the build's atol scaled by the layer's largest reference magnitude (when over 1)
     rtol: float
-    allclose: float  # max |a-b| / (atol + rtol |b|): passing is <= 1
+    allclose: float  # max |a-b| / (atol + rtol |b|)
+    rel_l2: float  # ||a-b|| / ||b||
     nan: int
     inf: int
-    passed: bool
+    passed: bool  # finite, and allclose <= 1 or rel_l2 <= LAYER_REL_L2_RTOLS * rtol
 
 
 def layer_check(index: int, layer: str, kind: str, actual: np.ndarray, expected: np.ndarray, atol: float,
                 rtol: float) -> LayerCheck:
-    """The compile's allclose rule, with atol relative to the layer's range: intermediate activations reach
-    magnitudes (hundreds) that no output tolerance was set for, and float16 rounds relative to magnitude."""
+    """The compile's allclose rule, with atol relative to the layer's range (intermediate activations reach
+    magnitudes, hundreds, that no output tolerance was set for); or, where elements break it, a relative L2
+    error within LAYER_REL_L2_RTOLS rtol."""
     scale = max(1.0, float(np.max(np.abs(expected)))) if expected.size else 1.0
     c = compare(layer, actual, expected, atol * scale, rtol)
     finite = np.isfinite(actual)
-    return LayerCheck(index, layer, kind, tuple(expected.shape), c.max_abs, c.max_rel, c.atol, rtol, c.allclose,
-                      int(np.isnan(actual).sum()), int((~finite & ~np.isnan(actual)).sum()), c.passed)
+    if c.shape == tuple(actual.shape) and finite.all():
+        diff = actual.astype(np.float64) - expected
+        rel_l2 = float(np.linalg.norm(diff) / max(float(np.linalg.norm(expected)), np.finfo(np.float32).tiny))
+    else:
+        rel_l2 = float("inf")
+    return LayerCheck(index, layer, kind, tuple(expected.shape), c.max_abs, c.max_rel, c.atol, rtol, c.allclose, rel_l2,
+                      int(np.isnan(actual).sum()), int((~finite & ~np.isnan(actual)).sum()),
+                      c.passed or rel_l2 <= LAYER_REL_L2_RTOLS * rtol)
 
 
 @dataclass
@@ -95,10 +108,10 @@ class Diagnosis:
         """The first divergent layer and up to ``limit`` - 1 after it (every layer when none diverges)."""
         first = self.first_divergent
         rows = self.layers[first.index:first.index + limit] if first else self.layers[-limit:]
-        headers = ["#", "layer", "kind", "max abs", "max rel", "allclose", "atol", "rtol", "NaN", "Inf", ""]
+        headers = ["#", "layer", "kind", "max abs", "max rel", "allclose", "rel L2", "atol", "rtol", "NaN", "Inf", ""]
         return headers, [[str(c.index), c.layer, c.kind, f"{c.max_abs:.3g}", f"{c.max_rel:.3g}", f"{c.allclose:.3g}",
-                          f"{c.atol:.3g}", f"{c.rtol:g}", str(c.nan), str(c.inf), "ok" if c.passed else "FAILED"]
-                         for c in rows]
+                          f"{c.rel_l2:.3g}", f"{c.atol:.3g}", f"{c.rtol:g}", str(c.nan), str(c.inf),
+                          "ok" if c.passed else "FAILED"] for c in rows]
 
 
 def diagnose(spec: BuildSpec, listener: StageListener = lambda *_: None,

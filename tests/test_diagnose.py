@@ -12,7 +12,7 @@ import torch
 import tvm
 from tvm import relax
 
-from conftest import TEST_MODELS, emulator_available, linker_available, run_cli
+from conftest import DEFAULT_FULL_SIZE, TEST_MODELS, emulator_available, linker_available, run_cli
 from pipeline.diagnose import LayersDiverged, compile_fp16_auto, diagnose
 from pipeline.errors import BadInput, VerificationFailed
 from pipeline.run import compile_model
@@ -79,6 +79,12 @@ def test_a_passing_float16_build_reports_no_divergent_layer(model):
     assert result.first_divergent is None and result.output.passed, result.table()
     assert len(result.layers) >= 5 and result.layers[-1].layer == "head"
     result.raise_if_diverged()
+
+
+@pytest.mark.slow
+def test_a_full_size_float16_build_that_passes_reports_no_divergent_layer():
+    result = diagnose(BuildSpec(model=DEFAULT_FULL_SIZE, target="x86", fp16=True))
+    assert result.output.passed and result.first_divergent is None, result.table()
 
 
 def test_a_cuda_target_is_diagnosed_with_its_host_twin():

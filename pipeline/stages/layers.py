@@ -144,12 +144,12 @@ def add_probe_outputs(path: Path, modules: dict[str, str], reference: dict[str, 
     for module, (index, value) in last.items():
         if value not in by_value or len(module) > len(by_value[value][1]):
             by_value[value] = (index, module)
+    outputs = len(graph.output)
     values = [v for v in by_value if v not in {o.name for o in graph.output}]
-    shaped = onnx.ModelProto()
-    shaped.CopyFrom(model)
-    shaped.graph.output.extend(onnx.helper.make_tensor_value_info(v, onnx.TensorProto.FLOAT, None) for v in values)
-    session = ort.InferenceSession(shaped.SerializeToString(), providers=["CPUExecutionProvider"])
+    graph.output.extend(onnx.helper.make_tensor_value_info(v, onnx.TensorProto.FLOAT, None) for v in values)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     shapes = dict(zip(values, (a.shape for a in session.run(values, inputs)), strict=True))
+    del graph.output[outputs:]  # declared again below, with their shapes (onnxsim wants them)
     probes = [Probe(value, module, modules[module])
               for value, (_, module) in sorted(by_value.items(), key=lambda kv: kv[1][0])
               if shapes.get(value, reference[module].shape) == reference[module].shape]
