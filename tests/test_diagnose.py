@@ -93,7 +93,6 @@ def test_a_cuda_target_is_diagnosed_with_its_host_twin():
     assert result.first_divergent is None
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not (emulator_available() and linker_available()), reason="aarch64 emulator not set up")
 def test_an_aarch64_target_is_diagnosed_under_qemu():
     result = diagnose(BuildSpec(model="test_mixer", target="aarch64"))
@@ -128,7 +127,7 @@ def test_overflowing_float16_fails_and_auto_keeps_just_that_part(overflowing_gml
         compile_model(overflowing_gmlp, tmp_path / "plain")
     out, manifest = compile_fp16_auto(overflowing_gmlp, tmp_path / "auto")
     kept = manifest["passes"]["kept_float32"]
-    assert 1 <= len(kept) <= 3 and all(k["layer"].startswith(OVERFLOWING + ".") for k in kept), kept
+    assert [k["layer"] for k in kept] == [f"{OVERFLOWING}.fc1"], kept  # where it overflows, and nothing else
     assert all("--fp16 auto" in k["why"] for k in kept)
     assert manifest["verify"]["library_verified"]
     assert "float16" in manifest["passes"]["precision"]
