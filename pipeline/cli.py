@@ -29,10 +29,13 @@ class StageProgress:
 
     def __call__(self, stage: str, seconds: float | None) -> None:
         if seconds is None:
+            if self._status is not None:  # the last stage raised, and the command went on (`--fp16 auto`)
+                self._status.stop()
             self._status = console.status(f"{stage}…")
             self._status.start()
             return
         self._status.stop()
+        self._status = None
         console.print(f"[green]✓[/green] {stage:<13} {seconds:7.2f} s")
 
 
@@ -91,6 +94,33 @@ def target_option(help_text: str = "Target device (see `list-targets`)."):
                         callback=_validated(targets.get_target), help=help_text)
 
 
+def _patterns(_ctx, _param, values: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(p.strip() for value in values for p in value.split(",") if p.strip())
+
+
+keep_fp32_option = click.option(
+    "--keep-fp32", multiple=True, callback=_patterns, metavar="PATTERN",
+    help="With --fp16: compute these layers in float32 all the same. A PyTorch module path (network.2.1.attn.sfc_h, "
+         "with its submodules), an fnmatch pattern over paths ('*.norm*'), a module class (LayerNorm) or an ONNX op "
+         "type (Softmax). Repeat it or separate with commas; `diagnose` lists the paths.")
+
+
+def build_options(command):
+    """--batch, --weights, --seed and --cuda-arch: what is built, for `compile` and `diagnose` alike."""
+    for option in reversed((
+        click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Batch size compiled in."),
+        click.option("--weights", type=click.Path(path_type=Path, dir_okay=False), default=None,
+                     help="A PyTorch state_dict checkpoint (timm / official layout). Default: seeded random weights."),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seed of random weights and reference inputs."),
+        click.option("--cuda-arch", default=None, metavar="sm_XY",
+                     help="GPU architecture for the generic `cuda` target (default sm_87)."),
+    )):
+        command = option(command)
+    return command
+
+
 def _show_version(ctx, _param, value) -> None:
     if value and not ctx.resilient_parsing:
         commit = version.source_commit()
@@ -108,27 +138,30 @@ def cli() -> None:
 @cli.command("compile")
 @model_option
 @target_option()
-@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Batch size compiled in.")
-@click.option("--weights", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="A PyTorch state_dict checkpoint (timm / official layout). Default: seeded random weights.")
+@build_options
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Artifact directory. Default: artifacts/MODEL-TARGET[-sm_XY][-bN][-fp16].")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of random weights and reference inputs.")
-@click.option("--cuda-arch", default=None, metavar="sm_XY",
-              help="GPU architecture for the generic `cuda` target (default sm_87).")
-@click.option("--fp16", is_flag=True, help="Compute in float16; the library (or, where it cannot run here, its host "
-                                         "twin) is held to the variant's fp16 tolerance.")
+@click.option("--fp16", type=click.Choice(["on", "auto"]), is_flag=False, flag_value="on", default=None,
+              help="Compute in float16; the library (or, where it cannot run here, its host twin) is held to the "
+                   "variant's fp16 tolerance. `--fp16 auto`: if that fails, keep in float32 the layers `diagnose` "
+                   "names, one at a time, until it passes (each round is one more build).")
+@keep_fp32_option
 @click.option("--keep-export", is_flag=True,
               help="Also keep model.onnx, the unsimplified export (as large as model.sim.onnx, which is kept).")
 @reports_errors("interrupted; no artifact was written")
 def compile_cmd(model_name: str, target_name: str, batch: int, weights: Path | None, out: Path | None,
-                seed: int, cuda_arch: str | None, fp16: bool, keep_export: bool) -> None:
+                seed: int, cuda_arch: str | None, fp16: str | None, keep_fp32: tuple[str, ...],
+                keep_export: bool) -> None:
     """Export, simplify, import, optimize, build, verify and package one model for one target."""
+    from .diagnose import compile_fp16_auto
     from .run import compile_model
 
     spec = BuildSpec(model=model_name, target=target_name, batch=batch, weights=weights, seed=seed,
-                     cuda_arch=cuda_arch, fp16=fp16, keep_export=keep_export)
-    out_dir, manifest = compile_model(spec, out, listener=StageProgress())
+                     cuda_arch=cuda_arch, fp16=fp16 is not None, keep_export=keep_export, keep_fp32=keep_fp32)
+    build = compile_fp16_auto if fp16 == "auto" else compile_model
+    out_dir, manifest = build(spec, out, listener=StageProgress())
+    for kept in manifest["passes"].get("kept_float32", []):
+        console.print(f"  float32: {kept['layer']} ({kept['kind']}): {kept['why']}", highlight=False, soft_wrap=True)
     print_verdict(manifest["verify"])
     python_only = manifest["target"]["build"]["python_only_builtins"]
     if python_only:
@@ -136,6 +169,50 @@ def compile_cmd(model_name: str, target_name: str, batch: int, weights: Path | N
                       "its bundles run with run.py, not the native runner (package --no-native)", highlight=False,
                       soft_wrap=True)
     stdout.print(f"artifact: {out_dir}  build_id {manifest['build_id'][:16]}", highlight=False, soft_wrap=True)
+
+
+@cli.command("diagnose")
+@model_option
+@target_option()
+@build_options
+@click.option("--fp16", is_flag=True, help="Diagnose the float16 build, held to the variant's fp16 tolerance.")
+@keep_fp32_option
+@click.option("--json", "json_out", type=click.Path(path_type=Path, dir_okay=False), default=None, metavar="FILE",
+              help="Also write every layer's comparison to FILE.")
+@click.option("--rows", type=click.IntRange(min=1), default=25, show_default=True,
+              help="Table rows: the first divergent layer and those after it.")
+@reports_errors()
+def diagnose_cmd(model_name: str, target_name: str, batch: int, weights: Path | None, seed: int,
+                 cuda_arch: str | None, fp16: bool, keep_fp32: tuple[str, ...], json_out: Path | None,
+                 rows: int) -> None:
+    """Name the first layer where the compiled model leaves PyTorch's numbers, and the layers after it.
+
+    One extra build: every PyTorch module's output becomes an output of the exported graph, compiled through
+    the compile's own stages and run where verify runs it (this host; qemu for aarch64 targets; the host twin
+    for a library this machine cannot run, e.g. CUDA without a GPU). Each output is compared with the module's
+    output in PyTorch (forward hooks), with the build's tolerance, atol scaled by the layer's range. The extra
+    outputs keep fusion from crossing module boundaries: what only a fusion causes may look different here.
+    Exit status 3 when a layer or the logits leave tolerance.
+    """
+    from .diagnose import diagnose, write_json
+
+    spec = BuildSpec(model=model_name, target=target_name, batch=batch, weights=weights, seed=seed,
+                     cuda_arch=cuda_arch, fp16=fp16, keep_fp32=keep_fp32)
+    result = diagnose(spec, listener=StageProgress())
+    console.print(f"  ran: {result.ran}", highlight=False, soft_wrap=True)
+    for kept in result.kept_float32:
+        console.print(f"  float32: {kept['layer']} ({kept['kind']})", highlight=False, soft_wrap=True)
+    first = result.first_divergent
+    title = (f"first divergent layer: {first.layer} ({first.kind}), #{first.index} of {len(result.layers)}" if first
+             else f"no layer leaves tolerance ({len(result.layers)} compared); the last {min(rows, len(result.layers))}")
+    _print_table(result.table(rows), title=title)
+    console.print(f"  {result.output.describe()} (probe build)", highlight=False, soft_wrap=True)
+    if json_out is not None:
+        write_json(result, json_out)
+        console.print(f"  every layer: {json_out}", highlight=False, soft_wrap=True)
+    result.raise_if_diverged()
+    stdout.print(f"{spec.model} on {result.target} ({result.precision}): every layer within tolerance "
+                 f"({len(result.layers)} compared, {result.seconds:.0f} s)", highlight=False, soft_wrap=True)
 
 
 def _print_checks(outputs: list[dict], prefix: str = "") -> None:

@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 
 from dataclasses import dataclass
 
-from .errors import BuildError, DiskFull, ExportError, OutputDirError
+from .errors import BuildError, DiskFull, ExportError, OutputDirError, VerificationFailed
 from .spec import BuildSpec, resolve_target
 
 # Called with (stage, None) when a stage starts and (stage, seconds) when it ends.
@@ -127,6 +127,15 @@ def _timed(stage: str, timings: dict[str, float], listener: StageListener, inter
 Stage = Callable[[str], contextlib.AbstractContextManager]  # `with stage(name):` times one stage
 
 
+@contextlib.contextmanager
+def staged(listener: StageListener) -> Iterator[tuple[Stage, dict[str, float]]]:
+    """Stages timed into a dict and told to ``listener``, a Ctrl-C stopping them at the next boundary."""
+    timings: dict[str, float] = {}
+    interrupts = _Interrupts()
+    with interrupts.watch():
+        yield (lambda name: _timed(name, timings, listener, interrupts)), timings
+
+
 @dataclass
 class FrontEnd:
     """What the stages up to the Relax import produce (the ONNX files are in the work directory)."""
@@ -140,9 +149,11 @@ class FrontEnd:
     params: dict  # its weights, as main's parameters after the inputs
 
 
-def front_end(spec: BuildSpec, work: Path, stage: Stage) -> FrontEnd:
+def front_end(spec: BuildSpec, work: Path, stage: Stage, edit_export: Callable[[Path, object, dict], None] | None = None
+              ) -> FrontEnd:
     """PyTorch model -> reference -> ONNX -> simplified ONNX -> Relax, writing model.onnx and model.sim.onnx to
-    ``work``. Heavy imports here, so `list-models` and `--help` stay fast."""
+    ``work``. ``edit_export(model.onnx, torch model, inputs)`` may rewrite the export before it is simplified (`diagnose`
+    adds outputs). Heavy imports here, so `list-models` and `--help` stay fast."""
     from .stages.export import export_onnx
     from .stages.model import load_model
     from .stages.reference import INPUT_NAME, OUTPUT_NAMES, make_inputs, run_torch
@@ -156,6 +167,8 @@ def front_end(spec: BuildSpec, work: Path, stage: Stage) -> FrontEnd:
         reference = run_torch(model, inputs)
     with stage("export onnx"):
         export_onnx(model, inputs, OUTPUT_NAMES, cfg.opset, work / "model.onnx")
+        if edit_export is not None:
+            edit_export(work / "model.onnx", model, inputs)
     with stage("simplify"):
         simplify_onnx(work / "model.onnx", work / "model.sim.onnx")
         if not spec.keep_export:  # as large as the simplified graph and rarely needed after it
@@ -170,8 +183,31 @@ def untimed(_name: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def compile_model(spec: BuildSpec, out: Path | None = None, listener: StageListener = lambda *_: None) -> tuple[Path, dict]:
-    """Run every stage for ``spec``; return the artifact directory and its manifest."""
+def diagnose_hint(spec: BuildSpec) -> str:
+    """The `diagnose` command that finds where the build ``spec`` first goes wrong."""
+    options = [("--target", spec.target), ("--batch", spec.batch != 1 and spec.batch), ("--seed", spec.seed),
+               ("--weights", spec.weights), ("--cuda-arch", spec.cuda_arch)]
+    words = [f"--model {spec.model}", *(f"{flag} {value}" for flag, value in options if value),
+             *(["--fp16"] if spec.fp16 else []), *(f"--keep-fp32 '{p}'" for p in spec.keep_fp32)]
+    return f"python -m pipeline diagnose {' '.join(words)}"
+
+
+def kept_float32(spec: BuildSpec, front: FrontEnd, work: Path, why: dict[str, str] | None = None):
+    """The layers ``spec.keep_fp32`` selects in the simplified graph (pipeline.stages.layers.KeptLayers), or None."""
+    import onnx
+
+    from .stages.layers import keep_float32_layers, module_kinds
+
+    if not spec.keep_fp32:
+        return None
+    return keep_float32_layers(onnx.load(str(work / "model.sim.onnx")).graph, module_kinds(front.model),
+                               spec.keep_fp32, why)
+
+
+def compile_model(spec: BuildSpec, out: Path | None = None, listener: StageListener = lambda *_: None,
+                  kept_why: dict[str, str] | None = None) -> tuple[Path, dict]:
+    """Run every stage for ``spec``; return the artifact directory and its manifest. ``kept_why``: per
+    ``--keep-fp32`` pattern, why it is kept (the manifest's reason; default: the option's)."""
     from .stages.build import build
     from .stages.optimize import optimize
     from .stages.package import write_artifact
@@ -180,15 +216,15 @@ def compile_model(spec: BuildSpec, out: Path | None = None, listener: StageListe
 
     target = resolve_target(spec)  # bad --target / --cuda-arch: refused before any work
     out = out or default_out_dir(spec)
-    timings: dict[str, float] = {}
-    interrupts = _Interrupts()
-    stage = lambda name: _timed(name, timings, listener, interrupts)  # noqa: E731
-
-    with interrupts.watch(), staging_dir(out) as work, disk_full_is_one_line(work):
+    with staged(listener) as (stage, timings), staging_dir(out) as work, disk_full_is_one_line(work):
         front = front_end(spec, work, stage)
         cfg, inputs, reference = front.cfg, front.inputs, front.reference
         with stage("optimize"):
-            mod, params, passes = optimize(front.mod, front.params, target, spec.fp16)
+            kept = kept_float32(spec, front, work, kept_why)
+            keep = kept.bindings if kept else frozenset()
+            mod, params, passes = optimize(front.mod, front.params, target, spec.fp16, keep)
+            if kept:
+                passes["kept_float32"] = kept.manifest()
         with stage("build"):
             build_report = build(mod, target, work / "lib.so")
         with stage("verify"):
@@ -199,11 +235,15 @@ def compile_model(spec: BuildSpec, out: Path | None = None, listener: StageListe
                 candidates["tvm"], ran["tvm"] = library_outputs, f"the compiled library, {library_run}"
             else:  # everything but the target's schedules and codegen, checked here
                 candidates["tvm-host"], ran["tvm-host"] = run_host_twin(front.mod, front.params, spec.fp16, inputs,
-                                                                        OUTPUT_NAMES)
+                                                                        OUTPUT_NAMES, keep)
             fp32 = (cfg.atol, cfg.rtol)
             library_tolerance = (cfg.fp16_atol, cfg.fp16_rtol) if spec.fp16 else fp32
-            checks = verify(reference, candidates,
-                            {"onnxruntime": fp32, "tvm": library_tolerance, "tvm-host": library_tolerance})
+            try:
+                checks = verify(reference, candidates,
+                                {"onnxruntime": fp32, "tvm": library_tolerance, "tvm-host": library_tolerance})
+            except VerificationFailed as e:  # diagnosing is another build, minutes on a large model: said, not run
+                raise VerificationFailed(e.failures, f"numerics check failed (`{diagnose_hint(spec)}` names the first "
+                                                     "layer that diverges)") from None
         with stage("package"):
             manifest = write_artifact(work, model_name=spec.model, cfg=cfg, batch=spec.batch, weights=front.weights,
                                       target=target, inputs=inputs, reference=reference, params=params,

@@ -19,6 +19,9 @@ class BuildSpec:
     cuda_arch: str | None = None  # overrides the generic cuda target's arch
     fp16: bool = False  # compute in float16 (inputs, outputs and params stay float32 at the boundary)
     keep_export: bool = False  # keep model.onnx, the unsimplified export (model.sim.onnx is what was compiled)
+    # With fp16: layers computed in float32 all the same, as module paths, fnmatch patterns or kinds
+    # (pipeline.stages.layers.keep_float32_layers)
+    keep_fp32: tuple[str, ...] = ()
 
 
 class BadCudaArch(BadInput):
@@ -34,6 +37,8 @@ def resolve_target(spec: BuildSpec) -> targets.TargetSpec:
     if spec.fp16 and not target.float16_arithmetic:
         raise BadInput(f"{target.name} ({target.description}) has no float16 arithmetic (no +fullfp16): --fp16 would "
                        "widen every operation to float32 and back; compile without --fp16")
+    if spec.keep_fp32 and not spec.fp16:
+        raise BadInput("--keep-fp32 keeps layers in float32 in a float16 build: add --fp16")
     if spec.cuda_arch is None:
         return target
     try:

@@ -23,7 +23,7 @@ LAYERS = (
     ("pipeline.emulation", "pipeline.bundle", "pipeline.tuning"),
     ("pipeline.stages",),  # one plain function each
     ("pipeline.run",),  # the stage list
-    ("pipeline.tune", "pipeline.deploy", "pipeline.bench"),  # commands' libraries, above the stages
+    ("pipeline.tune", "pipeline.deploy", "pipeline.bench", "pipeline.diagnose"),  # commands' libraries, above the stages
     ("pipeline.regress", "pipeline.report", "pipeline.ship_records"),
     ("pipeline.cli", "pipeline.__main__"),
 )

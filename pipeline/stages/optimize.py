@@ -9,6 +9,7 @@ from tvm import relax
 from targets import TargetSpec
 from tvm_schedules.passes.canonicalize_block_names import canonicalize_block_names
 from tvm_schedules.passes.fold_weight_transforms import fold_weight_transforms
+from tvm_schedules.passes.keep_float32 import keep_float32
 from tvm_schedules.passes.mark_weight_arguments import mark_weight_arguments
 from tvm_schedules.passes.rewrite_cyclefc import rewrite_cyclefc
 from tvm_schedules.cpu import apply_default_schedules as cpu_default_schedules
@@ -47,12 +48,15 @@ def lower_to_fused_tir(mod: tvm.IRModule) -> tvm.IRModule:
     ])(mod)))
 
 
-def lower(mod: tvm.IRModule, params: dict[str, np.ndarray], target: TargetSpec, fp16: bool = False
-          ) -> tuple[tvm.IRModule, dict[str, np.ndarray], dict]:
-    """Our graph rewrites, then fused TIR: the module whose functions are the tuning tasks (pipeline.tune)."""
+def lower(mod: tvm.IRModule, params: dict[str, np.ndarray], target: TargetSpec, fp16: bool = False,
+          keep_fp32: frozenset[str] = frozenset()) -> tuple[tvm.IRModule, dict[str, np.ndarray], dict]:
+    """Our graph rewrites, then fused TIR: the module whose functions are the tuning tasks (pipeline.tune).
+    ``keep_fp32``: with ``fp16``, the bindings (pipeline.stages.layers.KeptLayers) left in float32."""
     reports = {}
     for graph_pass in GRAPH_PASSES:
         mod, params, reports[graph_pass.__name__] = graph_pass(mod, params, to_tvm_target(target))
+    if fp16 and keep_fp32:
+        mod, reports["keep_float32"] = keep_float32(mod, keep_fp32)
     if fp16:
         # After our rewrites: their kernels keep float32 (ToMixedPrecision leaves call_tir alone).
         mod = relax.transform.ToMixedPrecision(out_dtype="float16")(mod)
@@ -60,10 +64,10 @@ def lower(mod: tvm.IRModule, params: dict[str, np.ndarray], target: TargetSpec, 
     return lower_to_fused_tir(mod), params, reports
 
 
-def optimize(mod: tvm.IRModule, params: dict[str, np.ndarray], target: TargetSpec, fp16: bool = False
-             ) -> tuple[tvm.IRModule, dict[str, np.ndarray], dict]:
+def optimize(mod: tvm.IRModule, params: dict[str, np.ndarray], target: TargetSpec, fp16: bool = False,
+             keep_fp32: frozenset[str] = frozenset()) -> tuple[tvm.IRModule, dict[str, np.ndarray], dict]:
     """Return the optimized module, the params it still needs, and a report per step."""
-    mod, params, reports = lower(mod, params, target, fp16)
+    mod, params, reports = lower(mod, params, target, fp16, keep_fp32)
     mod, reports["tuning"] = apply_records(mod, target)  # the target's tuning database, if any
     after_fold = to_tvm_target(target).kind.name in SCHEDULE_AFTER_FOLD
     if not after_fold:

@@ -16,7 +16,7 @@ import onnxruntime as ort
 
 import targets
 from targets import TargetSpec
-from ..emulation import EmulatorUnavailable, run_library_emulated
+from ..emulation import EmulatorUnavailable, find_emulator, run_library_emulated
 from ..errors import DegenerateReference, VerificationFailed
 from ..runtime import OutputCheck, compare, run_library
 from .build import build
@@ -35,10 +35,11 @@ def run_onnxruntime(path: Path, inputs: dict[str, np.ndarray]) -> tuple[dict[str
 
 
 def run_host_twin(mod, params: dict[str, np.ndarray], fp16: bool, inputs: dict[str, np.ndarray],
-                  output_names: tuple[str, ...]) -> tuple[dict[str, np.ndarray], str]:
+                  output_names: tuple[str, ...], keep_fp32: frozenset[str] = frozenset()
+                  ) -> tuple[dict[str, np.ndarray], str]:
     """The imported module ``mod`` optimized and built for this host's CPU, run here; its outputs and what ran."""
     host = targets.get_target(HOST_TARGET)
-    twin, twin_params, _ = optimize(mod, params, host, fp16)
+    twin, twin_params, _ = optimize(mod, params, host, fp16, keep_fp32)
     with tempfile.TemporaryDirectory(prefix="pipeline-twin-") as tmp:
         build(twin, host, Path(tmp) / "twin.so")
         outputs = run_library(Path(tmp) / "twin.so", host.device, twin_params, inputs, output_names)
@@ -47,21 +48,30 @@ def run_host_twin(mod, params: dict[str, np.ndarray], fp16: bool, inputs: dict[s
                      f"for this host's CPU ({HOST_TARGET}) and run here; not the target's schedules or code generation")
 
 
-def run_compiled_library(target: TargetSpec, lib: Path, params: dict[str, np.ndarray], inputs: dict[str, np.ndarray],
-                         output_names: tuple[str, ...]) -> tuple[dict[str, np.ndarray] | None, str]:
-    """Run the library where this machine can (natively or emulated); return its outputs and how it ran."""
+def why_not_run_here(target: TargetSpec) -> str | None:
+    """Why this machine cannot run ``target``'s libraries (None: it can, natively or emulated)."""
     import tvm
 
     if target.runner == "host":
-        if not tvm.runtime.device(target.device).exist:
-            return None, f"not run here: no {target.device} device on this machine"
-        return run_library(lib, target.device, params, inputs, output_names), "ran on this host"
+        return None if tvm.runtime.device(target.device).exist else f"no {target.device} device on this machine"
     if target.runner == "qemu-aarch64":
         try:
-            return run_library_emulated(lib, params, inputs, output_names), "ran under qemu-aarch64 (user-mode emulation)"
+            find_emulator()
         except EmulatorUnavailable as e:
-            return None, f"not run here: {e}"
-    return None, f"not run here: {target.name} libraries run on the device only (see `pipeline deploy`)"
+            return str(e)
+        return None
+    return f"{target.name} libraries run on the device only (see `pipeline deploy`)"
+
+
+def run_compiled_library(target: TargetSpec, lib: Path, params: dict[str, np.ndarray], inputs: dict[str, np.ndarray],
+                         output_names: tuple[str, ...]) -> tuple[dict[str, np.ndarray] | None, str]:
+    """Run the library where this machine can (natively or emulated); return its outputs and how it ran."""
+    reason = why_not_run_here(target)
+    if reason is not None:
+        return None, f"not run here: {reason}"
+    if target.runner == "host":
+        return run_library(lib, target.device, params, inputs, output_names), "ran on this host"
+    return run_library_emulated(lib, params, inputs, output_names), "ran under qemu-aarch64 (user-mode emulation)"
 
 
 def check_reference_varies(reference: dict[str, np.ndarray]) -> None:
