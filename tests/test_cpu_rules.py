@@ -18,9 +18,10 @@ from pipeline.stages import optimize as optimize_stage
 from pipeline.tvm_targets import to_tvm_target
 from pipeline.stages.optimize import lower_to_fused_tir
 from tvm_schedules.cpu import Contraction, Injective, RowReduction, apply_default_schedules, default_rules
+from tvm_schedules.passes.small_buffers_on_stack import TIR_PIPELINE
 from tvm_schedules.scheduled import is_scheduled
 from tvm_schedules.cpu.fast_math import vectorizable_math
-from tvm_schedules.cpu.isa import gemm_tiles
+from tvm_schedules.cpu.isa import MAX_STACK_ALLOCA_BYTES, gemm_tiles
 from tvm_schedules.cyclefc import cyclefc_primfunc, schedule_cyclefc
 
 HOST = to_tvm_target(targets.get_target("x86"))
@@ -45,7 +46,7 @@ def fused_module(emit, *shapes, dtype="float32") -> tvm.IRModule:
 
 
 def run(mod: tvm.IRModule, args: list[np.ndarray], target=HOST) -> np.ndarray:
-    ex = tvm.compile(mod, target, relax_pipeline=relax.get_default_pipeline(target))
+    ex = tvm.compile(mod, target, relax_pipeline=relax.get_default_pipeline(target), tir_pipeline=TIR_PIPELINE)
     vm = relax.VirtualMachine(ex, tvm.cpu())
     return vm["main"](*[tvm.runtime.tensor(a) for a in args]).numpy()
 
@@ -226,8 +227,10 @@ def test_matmul_schedule_is_parallel_vectorized_register_tiled():
     assert sch is not None
     text = sch.mod["main"].script()
     assert "T.parallel" in text and "T.vectorized(T.int64(16))" in text and "T.unroll" in text
-    mr, nv = gemm_tiles(196, 256, 16, 32)
-    assert 196 % mr == 0 and mr * nv * 16 * 4 < 1024  # unguarded rows; tile under the stack-alloca limit
+    mr, nv = gemm_tiles(196, 256, 16, 32, max_tile_bytes=MAX_STACK_ALLOCA_BYTES - 1)  # a streamed weight
+    assert 196 % mr == 0 and mr * nv * 16 * 4 < 1024  # unguarded rows; the tile of TVM's stack-alloca limit
+    mr, nv = gemm_tiles(768, 1024, 16, 32)  # a 1x1 conv's broadcast weight: as many accumulators as fit
+    assert 768 % mr == 0 and 15 < mr * nv and mr * nv + nv + 2 <= 32
 
 
 def _parallel_bodies(text: str) -> list[str]:
@@ -250,7 +253,7 @@ def _lowered_host_tir(func: tirx.PrimFunc, target) -> str:
     a TVMBackendAllocWorkspace call (before LLVM outlines the parallel loops)."""
     mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
     mod = tvm.tirx.transform.BindTarget(target.with_host(target))(mod)  # as tvm.tirx.build does
-    pipeline, finalize_host, _ = tvm.tirx.get_default_tir_pipeline(target)
+    pipeline, finalize_host, _ = tvm.tirx.get_tir_pipeline(TIR_PIPELINE)  # as the build stage builds
     return finalize_host()(pipeline(mod)).script()
 
 
@@ -261,9 +264,10 @@ def _lowered_host_tir(func: tirx.PrimFunc, target) -> str:
     (lambda x, w: relax.op.nn.conv2d(x, w, strides=14), [(1, 3, 56, 56), (64, 3, 14, 14)]),
 ])
 def test_accumulator_tile_is_not_a_heap_workspace(emit, shapes):
-    """The accumulator tile is a "global" buffer < 1 KiB allocated inside the parallel loop, which
-    LowerTVMBuiltin keeps on the stack: no TVMBackendAllocWorkspace inside any parallel loop (a packed
-    operand's buffer, allocated once per call outside them, may be one)."""
+    """The accumulator tile is a "global" buffer allocated inside the parallel loop, which LowerTVMBuiltin keeps
+    on the stack (under 1 KiB by itself, larger where ``small_buffers_on_stack`` annotated it): no
+    TVMBackendAllocWorkspace inside any parallel loop (a packed operand's buffer, allocated once per call outside
+    them, may be one)."""
     mod = fused_module(emit, *shapes)
     scheduled, report = apply_default_schedules(mod, HOST)
     [name] = [n for n in prim_funcs(mod) if "matmul" in n or "conv2d" in n]

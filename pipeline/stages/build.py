@@ -17,6 +17,7 @@ from tvm import relax, tirx
 
 from targets import CudaSpec, TargetSpec
 from tvm_schedules.scheduled import scheduled_by
+from tvm_schedules.passes.small_buffers_on_stack import TIR_PIPELINE
 from ..errors import BuildError
 from ..toolchain.cross_link import cross_linker
 from ..toolchain.cuda_aot import CudaToolchainError, aot_cuda
@@ -106,7 +107,8 @@ def build(mod: tvm.IRModule, target: TargetSpec, path: Path) -> dict:
             # The target's default pipeline fuses operators (and schedules GPU kernels with dlight);
             # tvm.compile's CPU default does not fuse.
             with tvm.transform.PassContext(config=pass_config(target)):
-                executable = tvm.compile(mod, tvm_target, relax_pipeline=relax.get_default_pipeline(tvm_target))
+                executable = tvm.compile(mod, tvm_target, relax_pipeline=relax.get_default_pipeline(tvm_target),
+                                             tir_pipeline=TIR_PIPELINE)
         executable.export_library(str(path), fcompile=linker)
     except CudaToolchainError as e:
         raise BuildError(f"{target.name}: {e}") from None

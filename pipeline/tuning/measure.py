@@ -16,6 +16,7 @@ import tvm
 from tvm.s_tir import meta_schedule as ms
 
 from targets import CudaSpec, TargetSpec
+from tvm_schedules.passes.small_buffers_on_stack import TIR_PIPELINE
 from ..errors import BadInput, PipelineError
 from ..runtime import device_problem, use_threads
 from ..spec import Board
@@ -50,7 +51,8 @@ def _build(mod: tvm.IRModule, target: tvm.target.Target, _params, cuda: CudaSpec
 
     device_code = aot_cuda(cuda.arch, cuda.toolchain) if cuda else contextlib.nullcontext()
     with device_code:
-        return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+        return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target,
+                         pipeline=TIR_PIPELINE)  # as the compile builds (register tiles on the stack)
 
 
 def _export_shared_library(rt_mod: tvm.runtime.Module, triple: str | None) -> str:

@@ -45,7 +45,8 @@ from .base import CPURule, logger
 from .common import (MIN_PARALLEL_ITERS, NotApplicable, access_stride, buffer_shape, get_sblock_realize, has_div_mod,
                      has_if_then_else, numel, pow2_divisor, root_blocks, schedule_spatial_block, static_extent,
                      tensor_loads, uses_var)
-from .isa import CPU_ACC_SCOPE, cpu_isa_data, cpu_vector_lanes, cpu_vector_registers, gemm_tiles
+from .isa import (CPU_ACC_SCOPE, MAX_STACK_ALLOCA_BYTES, cpu_isa_data, cpu_vector_lanes, cpu_vector_registers,
+                  gemm_tiles)
 from ..workload import match_mac
 
 # Pack an operand (one copy per call) only when that widens the vector by at least this factor, or when
@@ -186,7 +187,11 @@ class Contraction(CPURule):
         u_ext = int(u_iv.dom.extent) if u_iv is not None else 1
         vec = pow2_divisor(v_ext, lanes) if w_iv is not None else plan.vec
         isa = cpu_isa_data(target)
-        mr, nv = gemm_tiles(u_ext, v_ext, vec, cpu_vector_registers(target), acc_bytes, isa)
+        weights = _layout_free_buffers(sch.mod["main"])
+        streams_weight = any(op.strides.get(v_iv.var) == 1 and any(op.load.source.same_as(w) for w in weights)
+                             for op in operands)  # the vector operand is a weight: see isa.MAX_STACK_ALLOCA_BYTES
+        mr, nv = gemm_tiles(u_ext, v_ext, vec, cpu_vector_registers(target), acc_bytes, isa,
+                            MAX_STACK_ALLOCA_BYTES - 1 if streams_weight else None)
         tile = {v_iv.var: nv * vec if w_iv is None else vec}
         if u_iv is not None:
             tile[u_iv.var] = mr

@@ -48,13 +48,18 @@ MCPU_ISA = {
 }
 MATTR_ISA = {"+avx512f": "avx512", "+avx2": "avx2", "+neon": "neon"}
 
-# LowerTVMBuiltin (TVM 0.27) puts a constant-size CPU allocation on the stack only if its scope is "global"
-# and it is smaller than runtime::kMaxStackAlloca (1024 bytes); otherwise, and always for scope "local", it
-# becomes a TVMBackendAllocWorkspace call per tile, whose heap memory LLVM cannot promote to registers, so
-# every FMA would store its accumulator back (measured: 0.42 -> 0.24 ms at 1x56x56x64, CycleFC kernel (3, 1)).
-# An accumulator tile is therefore a "global"-scope buffer allocated inside the parallel loop: a per-tile
-# stack array that LLVM's SROA turns into registers.
+# An accumulator tile is a "global"-scope buffer allocated inside the parallel loop: a per-tile stack array that
+# LLVM's SROA turns into registers. "local" and buffers of 1 KiB or more would become a TVMBackendAllocWorkspace
+# call per tile, heap memory LLVM cannot promote, so every FMA would store its accumulator back (measured: 0.42 ->
+# 0.24 ms at 1x56x56x64, CycleFC kernel (3, 1)); builds run ``passes.small_buffers_on_stack``, which keeps
+# "global" buffers up to 4 KiB on the stack, so a tile is bounded by the registers alone.
 CPU_ACC_SCOPE = "global"
+# TVM's stack-allocation limit, which tiles were sized under before ``small_buffers_on_stack``. The CycleFC kernel's
+# tiles (``cpu_tiles``) were measured under it and keep it; so do the default rules' tiles whose vector operand is a
+# weight, which stream that weight's panel once per row tile: there more rows per tile beat more accumulators
+# (196x512x2048 on the Zen 4 here, 2 threads, interleaved: 7x2 1.17 ms, 6x4 1.25, 4x4 1.25). A tile whose
+# broadcast operand is the weight (a 1x1 conv over NCHW pixels) takes every register: 6x4 against 3x4, ConvMixer's
+# 1x1 conv at 32x32 ran 11.1 -> 5.7 ms (768 channels) and 80.8 -> 28.8 ms (1536), at 16x16 (1024) 3.7 -> 2.5 ms.
 MAX_STACK_ALLOCA_BYTES = 1024
 MAX_TILE_ROWS = 16
 
@@ -92,8 +97,8 @@ def _divisors_desc(n: int, hi: int, lo: int = 1) -> list[int]:
     return [d for d in range(min(hi, n), max(lo, 1) - 1, -1) if n % d == 0]
 
 
-def gemm_tiles(m: int, n: int, vec: int, nregs: int, acc_bytes: int = 4, isa: CpuIsa | None = None
-               ) -> tuple[int, int]:
+def gemm_tiles(m: int, n: int, vec: int, nregs: int, acc_bytes: int = 4, isa: CpuIsa | None = None,
+               max_tile_bytes: int | None = None) -> tuple[int, int]:
     """Register tile (mr, nv) for a GEMM-like loop nest with ``vec``-lane vectors along ``n``: mr rows of
     ``m`` (broadcast operand) by nv vectors (vector operand), for the default CPU rules.
 
@@ -104,21 +109,23 @@ def gemm_tiles(m: int, n: int, vec: int, nregs: int, acc_bytes: int = 4, isa: Cp
     divide ``m`` is guarded by a branch that LLVM leaves inside the reduction loop, so it counts
     ``isa.guarded_tile_weight`` (x86: 0.85; 196 rows: 7x2 beat a guarded 3x4, 3.7 vs 4.0 ms; 1024 rows: a
     guarded 3x4 beat 2x4, 4.8 vs 5.5 ms). Limits: accumulators + nv vector loads + the broadcast registers (1, or mr
-    with ``isa.row_registers``) + 1 spare <= nregs, the tile under the 1 KiB stack-allocation limit, mr <= 16,
-    nv <= 4 and dividing n / vec.
+    with ``isa.row_registers``) + 1 spare <= nregs, mr <= 16, nv <= 4 and dividing n / vec, and at most
+    ``max_tile_bytes`` of accumulators (``MAX_STACK_ALLOCA_BYTES`` says when); else the registers alone bound the
+    tile (``CPU_ACC_SCOPE``).
     """
     isa = isa or CPU_ISA["avx512"]
     row_registers = isa.row_registers
     reuse = isa.k_unroll if row_registers else 1
     nregs -= isa.half_spare_registers if acc_bytes < 4 else 0
     nvec = max(1, n // vec)
-    max_tile = max(1, (MAX_STACK_ALLOCA_BYTES - 1) // (vec * acc_bytes))
     best = None
     for nv in _divisors_desc(nvec, 4):
         per_row = nv + 1 if row_registers else nv  # registers one more tile row takes
-        mr_max = min((nregs - 1 - nv - (0 if row_registers else 1)) // per_row, max_tile // nv, MAX_TILE_ROWS,
-                     max(m, 1))
+        mr_max = min((nregs - 1 - nv - (0 if row_registers else 1)) // per_row, MAX_TILE_ROWS, max(m, 1),
+                     (max_tile_bytes // (vec * acc_bytes) if max_tile_bytes else nregs) // nv)
         for mr in range(mr_max, 0, -1):
+            if m % mr and mr * nv * vec * acc_bytes >= MAX_STACK_ALLOCA_BYTES:
+                continue  # past the old limit only unguarded: a guarded tile loses the packed weight panel too
             tiles = -(-m // mr)
             used = m / (tiles * mr)
             score = mr * nv / (mr / reuse + nv) * used * (1.0 if m % mr == 0 else isa.guarded_tile_weight)
