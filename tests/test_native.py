@@ -316,3 +316,14 @@ def test_a_cuda_bundle_on_a_machine_without_cuda_exits_1(compiled):
     assert result.returncode == 1 and len(result.stderr.splitlines()) == 1
     assert "has no cuda support (" in result.stderr and "libtvm_runtime_cuda.so" in result.stderr
     assert "scripts/build_tvm_runtime_on_jetson.sh" in result.stderr
+
+
+def test_old_runner_builds_are_pruned(tmp_path):
+    """Every source change builds a new runner; the cache keeps the newest KEEP_BUILDS of each program and arch."""
+    for i in range(6):
+        (tmp_path / f"runner-x86_64-{i:016x}").write_bytes(b"")
+        os.utime(tmp_path / f"runner-x86_64-{i:016x}", (1000 + i, 1000 + i))
+    (tmp_path / "runner-aarch64-0").write_bytes(b"")  # another arch: not this build's to prune
+    native_runner._prune(tmp_path, "runner-x86_64-")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runner-aarch64-0"] + [
+        f"runner-x86_64-{i:016x}" for i in range(6 - native_runner.KEEP_BUILDS, 6)]

@@ -103,7 +103,22 @@ def build(program: str, arch: str) -> Path:
     finally:
         if os.path.exists(partial):
             os.unlink(partial)
+    _prune(out.parent, f"{program}-{arch}-")
     return out
+
+
+KEEP_BUILDS = 3  # per program and arch: other checkouts (another version's sources) may still use theirs
+
+
+def _prune(directory: Path, prefix: str) -> None:
+    """Remove all but the KEEP_BUILDS newest builds named ``prefix*``: each source change built a new one."""
+    builds = sorted((p for p in directory.glob(f"{prefix}*") if p.is_file()), key=lambda p: p.stat().st_mtime,
+                    reverse=True)
+    for old in builds[KEEP_BUILDS:]:
+        try:
+            old.unlink()
+        except OSError:
+            pass  # another process pruned it first
 
 
 def toolchain(arch: str) -> str:
