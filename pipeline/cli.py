@@ -338,10 +338,11 @@ def board_options(what: str, required: bool = False):
               help="Tune only the tasks (fused functions) whose name matches.")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Batch size, as compiled.")
 @click.option("--fp16", is_flag=True, help="Tune the float16 build (`compile --fp16`).")
+@keep_fp32_option
 @reports_errors("interrupted; the records measured so far are saved: run the same command again to continue")
 def tune_cmd(model_name: str | None, target_name: str, cuda_arch: str | None, trials: int, time_budget: float | None,
              board: Board | None, timeout: float, export_to: Path | None, results: Path | None, db: Path | None,
-             task_pattern: str, batch: int, fp16: bool) -> None:
+             task_pattern: str, batch: int, fp16: bool, keep_fp32: tuple[str, ...]) -> None:
     """Tune the model's fused TIR functions with MetaSchedule; `compile` applies the records.
 
     Resumable: records are saved after every measured batch, so running the command again continues.
@@ -359,7 +360,8 @@ def tune_cmd(model_name: str | None, target_name: str, cuda_arch: str | None, tr
         return
     if model_name is None:
         raise click.UsageError("Missing option '--model'")
-    spec = BuildSpec(model=model_name, target=target_name, batch=batch, fp16=fp16, cuda_arch=cuda_arch)
+    spec = BuildSpec(model=model_name, target=target_name, batch=batch, fp16=fp16, cuda_arch=cuda_arch,
+                     keep_fp32=keep_fp32)
     if export_to is not None:
         exported = export_model(spec, export_to, trials=trials, db=db, task_pattern=task_pattern)
         _print_task_statuses(exported.tasks)

@@ -41,7 +41,7 @@ from tvm.s_tir.meta_schedule.task_scheduler import PyTaskScheduler
 from targets import TargetSpec
 from tvm_schedules.scheduled import is_scheduled
 from .errors import PipelineError
-from .run import front_end, untimed
+from .run import front_end, kept_float32, untimed
 from .spec import Board, BuildSpec, resolve_target
 from .stages.optimize import apply_default_schedules, lower
 from .tuning import offline
@@ -93,7 +93,8 @@ def tuning_module(spec: BuildSpec) -> tvm.IRModule:
     """
     with tempfile.TemporaryDirectory(prefix="pipeline-tune-") as tmp:
         front = front_end(BuildSpec(spec.model, spec.target, batch=spec.batch), Path(tmp), untimed)
-    return lower(front.mod, front.params, resolve_target(spec), spec.fp16)[0]
+        kept = kept_float32(spec, front, Path(tmp))  # --keep-fp32: the layers compile keeps in float32
+    return lower(front.mod, front.params, resolve_target(spec), spec.fp16, kept.bindings if kept else frozenset())[0]
 
 
 @dataclass

@@ -4,6 +4,7 @@ Real builds throughout: the wrong rewrite is a real Relax pass added to the comp
 model a real checkpoint.
 """
 import json
+import re
 
 import numpy as np
 import onnx
@@ -171,3 +172,16 @@ def test_diagnose_cli_writes_json(tmp_path):
     data = json.loads(path.read_text(encoding="utf-8"))
     assert data["first_divergent"] is None and data["layers"] and "ran on this host" in data["ran"]
     assert np.isfinite([c["max_abs"] for c in data["layers"]]).all()
+
+
+def test_tune_tunes_the_layers_kept_in_float32_as_compile_builds_them():
+    from pipeline.tune import tuning_module
+
+    def dtypes(mod):  # of the fused functions' buffers
+        return {dtype for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc)
+                for dtype in re.findall(r'T\.Buffer\(\(.*?\), "(\w+)"\)', f.script())}
+
+    plain = tuning_module(BuildSpec(model="test_mixer", target="x86", fp16=True))
+    kept = tuning_module(BuildSpec(model="test_mixer", target="x86", fp16=True, keep_fp32=("Linear",)))
+    assert "float32" in dtypes(kept) and len(dtypes(kept)) > 1  # kept layers in float32 beside float16 ones
+    assert {gv.name_hint for gv in plain.get_global_vars()} != {gv.name_hint for gv in kept.get_global_vars()}
