@@ -40,6 +40,9 @@ def lower_to_fused_tir(mod: tvm.IRModule) -> tvm.IRModule:
     per call (see ``fold_weight_transforms``).
     """
     return mark_weight_arguments(canonicalize_block_names(tvm.transform.Sequential([
+        # Inference batch_norm as a multiply-add with its statistics folded: fused into the op before it (ConvMixer's
+        # conv epilogues), where as one op it was a kernel of its own that reread the whole activation.
+        relax.transform.DecomposeOpsForInference(),
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
