@@ -1,7 +1,8 @@
 """CycleFC as one TensorIR kernel: a per-channel spatial shift folded into the load of a 1x1 projection.
 
 Layout is NHWC: ``x`` (N, H, W, C), ``weight_t`` (C, O) (the 1x1 weight transposed, so O is contiguous),
-``bias`` (O,) or None, output (N, H, W, O). Channel ``c`` is read at column ``w + s(c)`` for a (1, k)
+``bias`` (O,) or None, output (N, H, W, O); ``x`` and ``weight_t`` in the compute dtype, ``bias`` and the output
+in ``out_dtype`` (default: the same; float32 around a float16 kernel in ``--fp16`` builds). Channel ``c`` is read at column ``w + s(c)`` for a (1, k)
 kernel, or at row ``h + s(c)`` for a (k, 1) kernel, with ``s(c) = (c + k // 2) % k - k // 2`` and zeros
 outside the image (the CycleMLP / ``models.cyclemlp.CycleFC`` semantics); then
 ``out[..., o] = sum_c W[o, c] * shifted[..., c] + b[o]``.
@@ -48,12 +49,13 @@ def _acc_dtype(dtype: str) -> str:
     return "float32" if dtype in _LOW_PRECISION else dtype
 
 
-def cyclefc_te(x: te.Tensor, weight_t: te.Tensor, bias: te.Tensor | None, kernel_size) -> te.Tensor:
-    """TE compute of CycleFC in NHWC: returns (N, H, W, O).
+def cyclefc_te(x: te.Tensor, weight_t: te.Tensor, bias: te.Tensor | None, kernel_size,
+               out_dtype: str | None = None) -> te.Tensor:
+    """TE compute of CycleFC in NHWC: returns (N, H, W, O) in ``out_dtype`` (default ``x.dtype``).
 
     Stages: ``shift`` (injective, the bounds-checked shifted read; inlined by every schedule here),
     ``mm`` (the reduction over C, accumulated in float32 for float16/bfloat16 inputs) and ``out``
-    (bias add and cast back to ``x.dtype``).
+    (bias add and cast to ``out_dtype``).
     """
     n, h, w, c = x.shape
     c_w, o = weight_t.shape
@@ -64,6 +66,7 @@ def cyclefc_te(x: te.Tensor, weight_t: te.Tensor, bias: te.Tensor | None, kernel
     along_w = kh == 1
     dtype = x.dtype
     acc = _acc_dtype(dtype)
+    out_dtype = out_dtype or dtype
 
     def shifted(b, y, xx, ci):
         s = tirx.floormod(ci + k // 2, k) - k // 2
@@ -84,17 +87,23 @@ def cyclefc_te(x: te.Tensor, weight_t: te.Tensor, bias: te.Tensor | None, kernel
     )
     if bias is not None:
         return te.compute(
-            (n, h, w, o), lambda b, y, xx, oo: (mm[b, y, xx, oo] + bias[oo].astype(acc)).astype(dtype), name="out"
+            (n, h, w, o), lambda b, y, xx, oo: (mm[b, y, xx, oo] + bias[oo].astype(acc)).astype(out_dtype), name="out"
         )
-    return te.compute((n, h, w, o), lambda b, y, xx, oo: mm[b, y, xx, oo].astype(dtype), name="out")
+    return te.compute((n, h, w, o), lambda b, y, xx, oo: mm[b, y, xx, oo].astype(out_dtype), name="out")
 
 
-def cyclefc_primfunc(n, h, w, c, o, kernel_size, dtype="float32", has_bias=True, name="cyclefc") -> tirx.PrimFunc:
-    """Static-shape PrimFunc ``name(x, weight_t, [bias,] out)`` of :func:`cyclefc_te` (unscheduled)."""
+def cyclefc_primfunc(n, h, w, c, o, kernel_size, dtype="float32", has_bias=True, name="cyclefc",
+                     out_dtype: str | None = None) -> tirx.PrimFunc:
+    """Static-shape PrimFunc ``name(x, weight_t, [bias,] out)`` of :func:`cyclefc_te` (unscheduled).
+
+    Extents are int64, as in the functions LegalizeOps makes: FuseTIR fuses this kernel with its consumers
+    (a float16 kernel's cast back, say) and refuses a buffer it maps onto one of theirs with other index types.
+    """
+    n, h, w, c, o = (tirx.IntImm("int64", int(v)) for v in (n, h, w, c, o))
     x = te.placeholder((n, h, w, c), dtype, name="x")
     wt = te.placeholder((c, o), dtype, name="weight_t")
-    b = te.placeholder((o,), dtype, name="bias") if has_bias else None
-    y = cyclefc_te(x, wt, b, kernel_size)
+    b = te.placeholder((o,), out_dtype or dtype, name="bias") if has_bias else None
+    y = cyclefc_te(x, wt, b, kernel_size, out_dtype)
     args = [x, wt] + ([b] if has_bias else []) + [y]
     return te.create_prim_func(args).with_attr("global_symbol", name)
 
