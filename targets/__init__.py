@@ -25,9 +25,6 @@ class CudaSpec:
     # Capture the inference in CUDA graphs (RewriteCUDAGraph, PassContext relax.backend.use_cuda_graph): with
     # static shapes the VM replays one graph per captured region instead of launching every kernel itself.
     cuda_graph: bool = True
-    # In a float16 build, a conv or matmul whose M, N and K all reach this must carry tensor-core
-    # instructions (dlight's Matmul tensorizes only when every non-batch extent is above 64).
-    tensor_core_min_extent: int = 128
 
     def tvm_target(self) -> dict:
         """A TVM CUDA target for this GPU, its limits the ones every kernel is checked against."""

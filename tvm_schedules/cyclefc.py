@@ -16,9 +16,10 @@ outside the image (the CycleMLP / ``models.cyclemlp.CycleFC`` semantics); then
   (vec = the target's SIMD width, from a small ISA table), then written out by the epilogue block
   (bias add, cast). The shift is inlined, so each input element is one bounds-checked scalar load
   broadcast against a vector row of ``weight_t``; nothing shifted is materialized.
-* ``cuda``: dlight's ``gpu.Matmul`` rule (one kernel: shared-memory tiles with the shift inlined into
+* ``cuda``: our ``TensorCoreMatmul`` where it applies (float16 with C and O >= 64: wmma tiles, float32
+  accumulators), else dlight's ``gpu.Matmul`` rule (one kernel: shared-memory tiles with the shift inlined into
   the input's shared-memory load, bias and cast fused into the register-tile write-back), with a manual
-  thread-tiled schedule as the fallback if the rule does not match.
+  thread-tiled schedule as the fallback if neither matches.
 """
 from __future__ import annotations
 
@@ -177,12 +178,14 @@ def _schedule_cuda_manual(func: tirx.PrimFunc, target: tvm.target.Target) -> tir
 
 
 def _schedule_cuda(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFunc:
-    """dlight ``gpu.Matmul``: shared-memory tiles, the shift inlined into the shared-memory load of the
-    input and the bias/cast fused into the register-tile write-back, all in one kernel."""
+    """Tensor cores or dlight ``gpu.Matmul``: shared-memory tiles, the shift inlined into the shared-memory load
+    of the input and the bias/cast fused into the write-back, all in one kernel."""
     from tvm.s_tir import dlight as dl
 
+    from .cuda.tensor_core_matmul import TensorCoreMatmul
+
     with target:
-        sch = dl.gpu.Matmul().apply(func, target, False)
+        sch = TensorCoreMatmul().apply(func, target, False) or dl.gpu.Matmul().apply(func, target, False)
     if sch is None:
         return _schedule_cuda_manual(func, target)
     if isinstance(sch, list | tuple):

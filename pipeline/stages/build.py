@@ -16,6 +16,7 @@ import tvm
 from tvm import relax, tirx
 
 from targets import CudaSpec, TargetSpec
+from tvm_schedules.cuda.tensor_core_matmul import MIN_EXTENT as TENSOR_CORE_MIN_EXTENT, has_tensor_cores
 from tvm_schedules.scheduled import scheduled_by
 from ..errors import BuildError
 from ..toolchain.cross_link import cross_linker
@@ -35,14 +36,15 @@ def kernel_limit_violations(kernels: list[dict], cuda: CudaSpec) -> list[str]:
 # Rules that schedule a conv or matmul as a contraction (tiles in shared memory and registers); a matrix-vector
 # product (M or N = 1) may also go to dlight's reduction rules. Anything else (Fallback, GeneralReduction: one
 # thread per output or per row) is a schedule gap.
-CONTRACTION_RULES = frozenset({"DepthwiseConv2d", "dlight.gpu.Matmul", "CycleFC", "tuning record"})
+CONTRACTION_RULES = frozenset({"DepthwiseConv2d", "TensorCoreMatmul", "dlight.gpu.Matmul", "CycleFC", "tuning record"})
 VECTOR_RULES = frozenset({"dlight.gpu.GEMV", "dlight.gpu.Reduction"})
 # TVM names a function's device kernels after it: f_kernel, f_kernel_1, ...
 _KERNEL_SUFFIX = re.compile(r"_kernel(_\d+)?$")
 
 
 def schedule_gaps(kernels: list[dict], cuda: CudaSpec) -> list[str]:
-    """Kernels of convs and matmuls left to a generic rule, and large float16 ones without tensor cores."""
+    """Kernels of convs and matmuls left to a generic rule, and float16 ones with M, N, K >= 64 (what our
+    TensorCoreMatmul takes) without tensor-core instructions."""
     gaps = []
     for k in kernels:
         shape = k.get("contraction")
@@ -51,8 +53,8 @@ def schedule_gaps(kernels: list[dict], cuda: CudaSpec) -> list[str]:
         vector = min(shape["m"], shape["n"]) == 1 and shape["op"] == "matmul"
         if k["rule"] not in CONTRACTION_RULES and not (vector and k["rule"] in VECTOR_RULES):
             gaps.append(f"{k['name']}: {shape['op']} scheduled by {k['rule']}")
-        large = min(shape["m"], shape["n"], shape["k"]) >= cuda.tensor_core_min_extent
-        if shape["dtype"] == "float16" and large and k.get("tensor_cores") is False:
+        large = min(shape["m"], shape["n"], shape["k"]) >= TENSOR_CORE_MIN_EXTENT
+        if shape["dtype"] == "float16" and large and has_tensor_cores(cuda.arch) and k.get("tensor_cores") is False:
             gaps.append(f"{k['name']}: float16 {shape['op']} {shape['m']}x{shape['n']}x{shape['k']} without tensor cores")
     return gaps
 
