@@ -97,7 +97,8 @@ def test_cuda_kernels_say_what_scheduled_them(model, tmp_path):
     else:
         assert sum(k["rule"] == "CycleFC" for k in kernels) == 6
     assert cuda["per_inference"]["cuda_graph"] is True
-    assert cuda["per_inference"]["kernel_launches"] == sum(k["launches"] for k in kernels) > len(kernels)
+    launched = [k for k in kernels if k["launches"]]  # not the reshapes the build turns into views
+    assert cuda["per_inference"]["kernel_launches"] == sum(k["launches"] for k in kernels) > len(launched)
 
 
 def test_a_conv_left_to_dlight_is_a_gap(compiled, tmp_path, monkeypatch):
