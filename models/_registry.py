@@ -26,8 +26,8 @@ class ModelCfg:
     # error measured over the zoo on x86 was 8.6e-7 (cyclemlp_b5 logits): 10x headroom.
     atol: float = 1e-5
     rtol: float = 1e-4
-    # With --fp16 (float16 weights, activations and accumulators). Worst measured on x86 (LLVM fp16):
-    # 4.4e-3 on cyclemlp_b1 logits of magnitude 0.56, 2.9e-3 on mixer_s32_224.
+    # With --fp16 (float16 weights and activations, float32 accumulators). Worst measured on x86 (LLVM fp16)
+    # with float16 accumulators: 4.4e-3 on cyclemlp_b1 logits of magnitude 0.56, 2.9e-3 on mixer_s32_224.
     fp16_atol: float = 1e-2
     fp16_rtol: float = 1e-2
     params_m: float | None = None  # published parameter count (millions); None for test variants

@@ -25,9 +25,6 @@ class CudaSpec:
     # Capture the inference in CUDA graphs (RewriteCUDAGraph, PassContext relax.backend.use_cuda_graph): with
     # static shapes the VM replays one graph per captured region instead of launching every kernel itself.
     cuda_graph: bool = True
-    # In a float16 build, a conv or matmul whose M, N and K all reach this must carry tensor-core
-    # instructions (dlight's Matmul tensorizes only when every non-batch extent is above 64).
-    tensor_core_min_extent: int = 128
 
     def tvm_target(self) -> dict:
         """A TVM CUDA target for this GPU, its limits the ones every kernel is checked against."""
@@ -49,6 +46,11 @@ class TargetSpec:
     # Whether --fp16 computes in float16 here: False where the CPU has no float16 arithmetic (an Arm core without
     # +fullfp16, e.g. the Pi 4's Cortex-A72), so every float16 operation would be widened to float32 and back.
     float16_arithmetic: bool = True
+    # What --fp16 convs and matmuls accumulate in. float32 by default: the tensor cores' float32 accumulators cost
+    # nothing extra, and on an x86 CPU float16 is widened anyway. An Arm core with +fullfp16 accumulates in
+    # float16: its `fmla v.8h` FMAs do, and float32 accumulators would widen every FMA (fcvtl + fmla v.4s);
+    # mixer_s16_224 on rpi5 so verifies under qemu at 0.18 of its fp16 tolerance.
+    float16_accumulator: str = "float32"
     aliases: tuple[str, ...] = field(default=())
 
     def with_cuda_arch(self, arch: str) -> "TargetSpec":
@@ -106,7 +108,8 @@ XAVIER_CPU = ("carmel", "+fullfp16")
 def arm_board(name: str, description: str, mcpu: str | None, cores: int, *features: str) -> TargetSpec:
     """A 64-bit Arm Linux board's CPU: cross-linked here, verified under qemu-user."""
     return TargetSpec(name=name, description=description, tvm_target=arm_cpu(mcpu, cores, *features),
-                      cross_triple=AARCH64, runner="qemu-aarch64", float16_arithmetic="+fullfp16" in features)
+                      cross_triple=AARCH64, runner="qemu-aarch64", float16_arithmetic="+fullfp16" in features,
+                      float16_accumulator="float16" if "+fullfp16" in features else "float32")
 
 
 def jetson(name: str, description: str, tag: str, gpu: CudaSpec, cores: int, cpu: tuple[str, ...]) -> TargetSpec:

@@ -52,6 +52,7 @@ def test_fp16_records_its_tolerance(tmp_path):
     [tvm_check] = [c for c in manifest["verify"]["outputs"] if c["name"].startswith("tvm/")]
     assert tvm_check["atol"] == 1e-2 and tvm_check["passed"] and tvm_check["max_abs"] > 1e-6  # really float16
     assert manifest["passes"]["precision"].startswith("float16")
+    assert manifest["passes"]["rewrite_cyclefc"]["dtype"] == "float16"  # CycleFC's kernel computes in float16 too
     _, cuda_manifest = compile_model(BuildSpec(model="test_mixer", target="cuda", cuda_arch="sm_75", fp16=True),
                                      tmp_path / "b")
     assert cuda_manifest["target"]["build"]["cuda"]["arch"] == "sm_75"

@@ -120,8 +120,8 @@ def test_cpu_schedule_structure():
     # the shift is folded into the load: no shift block, the guarded read of x sits in the GEMM update
     assert 'T.sblock("shift")' not in script and "shift = " not in script
     assert re.search(r"T\.if_then_else\(.*x\[.*\* weight_t\[", script)
-    assert re.search(r"in T\.parallel\(896\)", script)  # 56 rows x 4 W tiles x 4 O tiles
-    assert "T.vectorized(16)" in script and "T.unroll(14)" in script
+    assert re.search(r"in T\.parallel\(T\.int64\(896\)\)", script)  # 56 rows x 4 W tiles x 4 O tiles
+    assert re.search(r"T\.vectorized\(T\.int64\(16\)\)", script) and re.search(r"T\.unroll\(T\.int64\(14\)\)", script)
     assert 'T.sblock("mm_init")' in script and 'T.sblock("mm_update")' in script and 'T.sblock("out")' in script
     # after lowering, the (14 x 16) accumulator tile is a stack array LLVM keeps in registers: no heap
     # workspace per tile, and 16-wide FMAs
@@ -189,7 +189,7 @@ def test_cuda_build_one_kernel(shape, schedule):
     assert bool(s.attrs["tirx.is_scheduled"])
     script = s.script()
     assert 'T.sblock("shift")' not in script
-    threads = dict((axis, int(n)) for n, axis in re.findall(r'T\.thread_binding\((\d+), thread="(threadIdx\.[xyz])"\)', script))
+    threads = dict((axis, int(n)) for n, axis in re.findall(r'T\.thread_binding\((?:T\.int64\()?(\d+)\)?, thread="(threadIdx\.[xyz])"\)', script))
     assert threads and int(np.prod(list(threads.values()))) <= 1024
     src = _cuda_source(s)
     assert src, "no CUDA source was generated"

@@ -1,7 +1,8 @@
 """CycleFC as one TensorIR kernel: a per-channel spatial shift folded into the load of a 1x1 projection.
 
 Layout is NHWC: ``x`` (N, H, W, C), ``weight_t`` (C, O) (the 1x1 weight transposed, so O is contiguous),
-``bias`` (O,) or None, output (N, H, W, O). Channel ``c`` is read at column ``w + s(c)`` for a (1, k)
+``bias`` (O,) or None, output (N, H, W, O); ``x`` and ``weight_t`` in the compute dtype, ``bias`` and the output
+in ``out_dtype`` (default: the same; float32 around a float16 kernel in ``--fp16`` builds). Channel ``c`` is read at column ``w + s(c)`` for a (1, k)
 kernel, or at row ``h + s(c)`` for a (k, 1) kernel, with ``s(c) = (c + k // 2) % k - k // 2`` and zeros
 outside the image (the CycleMLP / ``models.cyclemlp.CycleFC`` semantics); then
 ``out[..., o] = sum_c W[o, c] * shifted[..., c] + b[o]``.
@@ -15,9 +16,10 @@ outside the image (the CycleMLP / ``models.cyclemlp.CycleFC`` semantics); then
   (vec = the target's SIMD width, from a small ISA table), then written out by the epilogue block
   (bias add, cast). The shift is inlined, so each input element is one bounds-checked scalar load
   broadcast against a vector row of ``weight_t``; nothing shifted is materialized.
-* ``cuda``: dlight's ``gpu.Matmul`` rule (one kernel: shared-memory tiles with the shift inlined into
+* ``cuda``: our ``TensorCoreMatmul`` where it applies (float16 with C and O >= 64: wmma tiles, float32
+  accumulators), else dlight's ``gpu.Matmul`` rule (one kernel: shared-memory tiles with the shift inlined into
   the input's shared-memory load, bias and cast fused into the register-tile write-back), with a manual
-  thread-tiled schedule as the fallback if the rule does not match.
+  thread-tiled schedule as the fallback if neither matches.
 """
 from __future__ import annotations
 
@@ -48,12 +50,13 @@ def _acc_dtype(dtype: str) -> str:
     return "float32" if dtype in _LOW_PRECISION else dtype
 
 
-def cyclefc_te(x: te.Tensor, weight_t: te.Tensor, bias: te.Tensor | None, kernel_size) -> te.Tensor:
-    """TE compute of CycleFC in NHWC: returns (N, H, W, O).
+def cyclefc_te(x: te.Tensor, weight_t: te.Tensor, bias: te.Tensor | None, kernel_size,
+               out_dtype: str | None = None) -> te.Tensor:
+    """TE compute of CycleFC in NHWC: returns (N, H, W, O) in ``out_dtype`` (default ``x.dtype``).
 
     Stages: ``shift`` (injective, the bounds-checked shifted read; inlined by every schedule here),
     ``mm`` (the reduction over C, accumulated in float32 for float16/bfloat16 inputs) and ``out``
-    (bias add and cast back to ``x.dtype``).
+    (bias add and cast to ``out_dtype``).
     """
     n, h, w, c = x.shape
     c_w, o = weight_t.shape
@@ -64,6 +67,7 @@ def cyclefc_te(x: te.Tensor, weight_t: te.Tensor, bias: te.Tensor | None, kernel
     along_w = kh == 1
     dtype = x.dtype
     acc = _acc_dtype(dtype)
+    out_dtype = out_dtype or dtype
 
     def shifted(b, y, xx, ci):
         s = tirx.floormod(ci + k // 2, k) - k // 2
@@ -84,17 +88,23 @@ def cyclefc_te(x: te.Tensor, weight_t: te.Tensor, bias: te.Tensor | None, kernel
     )
     if bias is not None:
         return te.compute(
-            (n, h, w, o), lambda b, y, xx, oo: (mm[b, y, xx, oo] + bias[oo].astype(acc)).astype(dtype), name="out"
+            (n, h, w, o), lambda b, y, xx, oo: (mm[b, y, xx, oo] + bias[oo].astype(acc)).astype(out_dtype), name="out"
         )
-    return te.compute((n, h, w, o), lambda b, y, xx, oo: mm[b, y, xx, oo].astype(dtype), name="out")
+    return te.compute((n, h, w, o), lambda b, y, xx, oo: mm[b, y, xx, oo].astype(out_dtype), name="out")
 
 
-def cyclefc_primfunc(n, h, w, c, o, kernel_size, dtype="float32", has_bias=True, name="cyclefc") -> tirx.PrimFunc:
-    """Static-shape PrimFunc ``name(x, weight_t, [bias,] out)`` of :func:`cyclefc_te` (unscheduled)."""
+def cyclefc_primfunc(n, h, w, c, o, kernel_size, dtype="float32", has_bias=True, name="cyclefc",
+                     out_dtype: str | None = None) -> tirx.PrimFunc:
+    """Static-shape PrimFunc ``name(x, weight_t, [bias,] out)`` of :func:`cyclefc_te` (unscheduled).
+
+    Extents are int64, as in the functions LegalizeOps makes: FuseTIR fuses this kernel with its consumers
+    (a float16 kernel's cast back, say) and refuses a buffer it maps onto one of theirs with other index types.
+    """
+    n, h, w, c, o = (tirx.IntImm("int64", int(v)) for v in (n, h, w, c, o))
     x = te.placeholder((n, h, w, c), dtype, name="x")
     wt = te.placeholder((c, o), dtype, name="weight_t")
-    b = te.placeholder((o,), dtype, name="bias") if has_bias else None
-    y = cyclefc_te(x, wt, b, kernel_size)
+    b = te.placeholder((o,), out_dtype or dtype, name="bias") if has_bias else None
+    y = cyclefc_te(x, wt, b, kernel_size, out_dtype)
     args = [x, wt] + ([b] if has_bias else []) + [y]
     return te.create_prim_func(args).with_attr("global_symbol", name)
 
@@ -168,12 +178,14 @@ def _schedule_cuda_manual(func: tirx.PrimFunc, target: tvm.target.Target) -> tir
 
 
 def _schedule_cuda(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFunc:
-    """dlight ``gpu.Matmul``: shared-memory tiles, the shift inlined into the shared-memory load of the
-    input and the bias/cast fused into the register-tile write-back, all in one kernel."""
+    """Tensor cores or dlight ``gpu.Matmul``: shared-memory tiles, the shift inlined into the shared-memory load
+    of the input and the bias/cast fused into the write-back, all in one kernel."""
     from tvm.s_tir import dlight as dl
 
+    from .cuda.tensor_core_matmul import TensorCoreMatmul
+
     with target:
-        sch = dl.gpu.Matmul().apply(func, target, False)
+        sch = TensorCoreMatmul().apply(func, target, False) or dl.gpu.Matmul().apply(func, target, False)
     if sch is None:
         return _schedule_cuda_manual(func, target)
     if isinstance(sch, list | tuple):

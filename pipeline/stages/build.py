@@ -16,6 +16,7 @@ import tvm
 from tvm import relax, tirx
 
 from targets import CudaSpec, TargetSpec
+from tvm_schedules.cuda.tensor_core_matmul import MIN_EXTENT as TENSOR_CORE_MIN_EXTENT, has_tensor_cores
 from tvm_schedules.scheduled import scheduled_by
 from tvm_schedules.passes.small_buffers_on_stack import TIR_PIPELINE
 from ..errors import BuildError
@@ -36,14 +37,16 @@ def kernel_limit_violations(kernels: list[dict], cuda: CudaSpec) -> list[str]:
 # Rules that schedule a conv or matmul as a contraction (tiles in shared memory and registers); a matrix-vector
 # product (M or N = 1) may also go to dlight's reduction rules. Anything else (Fallback, GeneralReduction: one
 # thread per output or per row) is a schedule gap.
-CONTRACTION_RULES = frozenset({"DepthwiseConv2d", "dlight.gpu.Matmul", "CycleFC", "tuning record"})
+CONTRACTION_RULES = frozenset({"DepthwiseConv2d", "TensorCoreMatmul", "dlight.gpu.Matmul", "CycleFC", "tuning record"})
 VECTOR_RULES = frozenset({"dlight.gpu.GEMV", "dlight.gpu.Reduction"})
+_CALL = re.compile(r"\s*call\s+(\S+)\s")  # a VM call instruction, as Executable.as_text() prints it
 # TVM names a function's device kernels after it: f_kernel, f_kernel_1, ...
 _KERNEL_SUFFIX = re.compile(r"_kernel(_\d+)?$")
 
 
 def schedule_gaps(kernels: list[dict], cuda: CudaSpec) -> list[str]:
-    """Kernels of convs and matmuls left to a generic rule, and large float16 ones without tensor cores."""
+    """Kernels of convs and matmuls left to a generic rule, and float16 ones with M, N, K >= 64 (what our
+    TensorCoreMatmul takes) without tensor-core instructions."""
     gaps = []
     for k in kernels:
         shape = k.get("contraction")
@@ -52,26 +55,20 @@ def schedule_gaps(kernels: list[dict], cuda: CudaSpec) -> list[str]:
         vector = min(shape["m"], shape["n"]) == 1 and shape["op"] == "matmul"
         if k["rule"] not in CONTRACTION_RULES and not (vector and k["rule"] in VECTOR_RULES):
             gaps.append(f"{k['name']}: {shape['op']} scheduled by {k['rule']}")
-        large = min(shape["m"], shape["n"], shape["k"]) >= cuda.tensor_core_min_extent
-        if shape["dtype"] == "float16" and large and k.get("tensor_cores") is False:
+        large = min(shape["m"], shape["n"], shape["k"]) >= TENSOR_CORE_MIN_EXTENT
+        if shape["dtype"] == "float16" and large and has_tensor_cores(cuda.arch) and k.get("tensor_cores") is False:
             gaps.append(f"{k['name']}: float16 {shape['op']} {shape['m']}x{shape['n']}x{shape['k']} without tensor cores")
     return gaps
 
 
-def _launches(mod: tvm.IRModule) -> Counter:
-    """How many times main calls each TIR function per inference (its call_tir sites)."""
-    calls: Counter = Counter()
-    call_tir = tvm.ir.Op.get("relax.call_tir")
-
-    def visit(expr):
-        if isinstance(expr, relax.Call) and expr.op.same_as(call_tir) and isinstance(expr.args[0], tvm.ir.GlobalVar):
-            calls[expr.args[0].name_hint] += 1
-
-    relax.analysis.post_order_visit(mod["main"], visit)
-    return calls
+def _launches(executable) -> Counter:
+    """How many times one inference calls each TIR function: the call instructions of the built VM program
+    (main and the CUDA-graph capture functions, each run once per inference), not the call_tir sites of the
+    module built, of which the build turns some (pure reshapes) into views."""
+    return Counter(m[1] for line in executable.as_text().splitlines() if (m := _CALL.match(line)))
 
 
-def describe_kernels(mod: tvm.IRModule, kernels: list[dict], cubins: list[bytes]) -> tuple[list[dict], dict]:
+def describe_kernels(mod: tvm.IRModule, executable, kernels: list[dict], cubins: list[bytes]) -> tuple[list[dict], dict]:
     """Each kernel with the function it came from, the rule that scheduled it, its contraction shape and
     whether its SASS has tensor-core instructions; and the launches per inference."""
     marks = {gv.name_hint: scheduled_by(f) for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
@@ -80,7 +77,7 @@ def describe_kernels(mod: tvm.IRModule, kernels: list[dict], cubins: list[bytes]
         sass_note = "read with cuobjdump -sass"
     except SassUnavailable as e:
         ops, sass_note = None, f"not read: {e}"
-    calls = _launches(mod)
+    calls = _launches(executable)
     out = []
     for k in kernels:
         function = _KERNEL_SUFFIX.sub("", k["name"])
@@ -122,7 +119,7 @@ def build(mod: tvm.IRModule, target: TargetSpec, path: Path) -> dict:
         violations = kernel_limit_violations(kernels, target.cuda)
         if violations:
             raise BuildError(f"{len(violations)} CUDA kernel(s) exceed {target.name}'s limits: " + "; ".join(violations[:5]))
-        kernels, per_inference = describe_kernels(mod, kernels, [out.cubin for out in cuda_session.outputs])
+        kernels, per_inference = describe_kernels(mod, executable, kernels, [out.cubin for out in cuda_session.outputs])
         report["cuda"] = {
             "device_code": "cubin", "arch": target.cuda.arch, "compiler": cuda_session.toolchain.compiler,
             "toolchain": cuda_session.toolchain.name, "compiler_version": cuda_session.compiler_version,

@@ -17,7 +17,8 @@ from tvm_schedules.cuda import apply_default_schedules as cuda_default_schedules
 from ..tuning.apply import apply_records
 from ..tvm_targets import to_tvm_target
 
-# Each graph pass: (mod, params, tvm target) -> (mod, params, report). Applied to every model, in order.
+# Each graph pass: (mod, params, tvm target, compute dtype) -> (mod, params, report). Applied to every model, in
+# order, before ToMixedPrecision: a kernel a pass puts in computes in the dtype it is given (float16 in --fp16).
 GRAPH_PASSES = (rewrite_cyclefc,)
 
 # Default schedules for the fused functions that neither our kernels nor tuning records scheduled, by TVM
@@ -56,14 +57,18 @@ def lower(mod: tvm.IRModule, params: dict[str, np.ndarray], target: TargetSpec, 
     """Our graph rewrites, then fused TIR: the module whose functions are the tuning tasks (pipeline.tune).
     ``keep_fp32``: with ``fp16``, the bindings (pipeline.stages.layers.KeptLayers) left in float32."""
     reports = {}
+    dtype = "float16" if fp16 else "float32"
     for graph_pass in GRAPH_PASSES:
-        mod, params, reports[graph_pass.__name__] = graph_pass(mod, params, to_tvm_target(target))
+        mod, params, reports[graph_pass.__name__] = graph_pass(mod, params, to_tvm_target(target), dtype)
     if fp16 and keep_fp32:
         mod, reports["keep_float32"] = keep_float32(mod, keep_fp32)
     if fp16:
-        # After our rewrites: their kernels keep float32 (ToMixedPrecision leaves call_tir alone).
-        mod = relax.transform.ToMixedPrecision(out_dtype="float16")(mod)
-        reports["precision"] = "float16 (ToMixedPrecision: conv/matmul inputs and accumulators in float16)"
+        # After our rewrites (ToMixedPrecision leaves their call_tir alone). out_dtype is what convs and matmuls
+        # accumulate in: the target's (TargetSpec.float16_accumulator). The same cast of one tensor, put in by
+        # several passes or sites, is one cast (one kernel).
+        accumulator = target.float16_accumulator
+        mod = relax.transform.EliminateCommonSubexpr()(relax.transform.ToMixedPrecision(out_dtype=accumulator)(mod))
+        reports["precision"] = f"float16 (ToMixedPrecision: conv/matmul inputs in float16, accumulators in {accumulator})"
     return lower_to_fused_tir(mod), params, reports
 
 

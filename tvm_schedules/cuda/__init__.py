@@ -5,9 +5,10 @@ Fallback)``, which has no convolution rule. The optimize stage applies this list
 own pass then finds everything scheduled):
 
 * :class:`DepthwiseConv2d` (``depthwise_conv.py``): depthwise k x k convs (ConvMixer), shared-memory window;
-* dlight's ``gpu.Matmul`` also takes the strided and patch-embedding convs (its reindexed operands are the
-  im2col tile in shared memory, never materialized in global memory) and every matmul with M, N > 1, on
-  tensor cores for float16 when every non-batch extent is above 64;
+* :class:`TensorCoreMatmul` (``tensor_core_matmul.py``): every float16 conv or matmul with M, N, K >= 64 on
+  tensor cores (dlight's tensorizing schedule, which ``gpu.Matmul`` calls only when all three are above 64);
+* dlight's ``gpu.Matmul`` takes the other strided and patch-embedding convs (its reindexed operands are the
+  im2col tile in shared memory, never materialized in global memory) and every other matmul with M, N > 1;
 * then dlight's GEMV / Reduction / GeneralReduction / Fallback for the rest (matrix-vector products,
   norms, softmax, elementwise).
 """
@@ -19,13 +20,14 @@ from tvm.s_tir.dlight.base import ScheduleRule
 
 from ..apply import apply_rules
 from .depthwise_conv import DepthwiseConv2d
+from .tensor_core_matmul import TensorCoreMatmul
 
-__all__ = ["DepthwiseConv2d", "default_rules", "apply_default_schedules"]
+__all__ = ["DepthwiseConv2d", "TensorCoreMatmul", "default_rules", "apply_default_schedules"]
 
 
 def default_rules() -> list[ScheduleRule]:
     """The rules in the order they are tried (the first that applies schedules the function)."""
-    return [DepthwiseConv2d(), dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
+    return [DepthwiseConv2d(), TensorCoreMatmul(), dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
             dl.gpu.Fallback()]
 
 

@@ -13,6 +13,11 @@ NHWC->NCHW and an NCHW->NHWC transpose. After import that is
 and becomes one ``call_tir`` of the NHWC kernel on x with W transposed to (C, O), absorbing the
 transposes it can. A depthwise conv whose kernel is not exactly the cyclic one-hot shift, or any
 chain that differs, is left alone for TVM's default lowering.
+
+With ``dtype="float16"`` (``--fp16`` builds) the kernel computes in float16 with float32 accumulation and
+writes the graph's dtype (ToMixedPrecision, which runs after this rewrite, leaves ``call_tir`` alone): the
+rewrite casts the input (the cast ToMixedPrecision puts before the channel MLP on the same input is the
+same expression, merged) and ships W^T in float16; the bias stays as it is, added to the accumulator.
 """
 from __future__ import annotations
 
@@ -121,17 +126,18 @@ def find_cyclefc_sites(func: relax.Function, param_names: set[str]) -> list[Cycl
 
 @relax.expr_functor.mutator
 class _SiteRewriter(relax.PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, sites: list[CycleFCSite], target: tvm.target.Target):
+    def __init__(self, mod: tvm.IRModule, sites: list[CycleFCSite], target: tvm.target.Target, dtype: str | None):
         super().__init__(mod)
         self.sites = {site.root: site for site in sites}
         self.target = target
+        self.dtype = dtype
         self.kernels: dict[tuple, relax.GlobalVar] = {}
         self.transposed: dict[relax.Var, relax.Var] = {}  # (O, C, 1, 1) weight -> its (C, O) parameter
 
-    def kernel(self, n, h, w, c, o, kernel_size, dtype, has_bias) -> relax.GlobalVar:
-        key = (n, h, w, c, o, kernel_size, dtype, has_bias)
+    def kernel(self, n, h, w, c, o, kernel_size, dtype, out_dtype, has_bias) -> relax.GlobalVar:
+        key = (n, h, w, c, o, kernel_size, dtype, out_dtype, has_bias)
         if key not in self.kernels:
-            func = cyclefc_primfunc(n, h, w, c, o, kernel_size, dtype=dtype, has_bias=has_bias)
+            func = cyclefc_primfunc(n, h, w, c, o, kernel_size, dtype=dtype, has_bias=has_bias, out_dtype=out_dtype)
             func = schedule_cyclefc(func, self.target).without_attr("global_symbol")
             self.kernels[key] = self.builder_.add_func(func, "cyclefc")
         return self.kernels[key]
@@ -145,26 +151,30 @@ class _SiteRewriter(relax.PyExprMutator):
             x = self.builder_.emit(relax.op.permute_dims(x, TO_NHWC))
         n, h, w, c = _shape(x)
         o = _shape(site.weight)[0]
-        dtype = x.ty.dtype
+        graph_dtype = str(x.ty.dtype)
+        dtype = self.dtype or graph_dtype
         if site.weight not in self.transposed:
             self.transposed[site.weight] = relax.Var(f"{site.weight.name}.T", relax.TensorType((c, o), dtype))
+        if dtype != graph_dtype:  # W^T is a new parameter, shipped in dtype already
+            x = self.builder_.emit(relax.op.astype(x, dtype))
         args = [x, self.transposed[site.weight], *([site.bias] if site.bias is not None else [])]
-        gv = self.kernel(n, h, w, c, o, site.kernel_size, dtype, site.bias is not None)
-        call = relax.call_tir(gv, args, relax.TensorType((n, h, w, o), dtype))
+        gv = self.kernel(n, h, w, c, o, site.kernel_size, dtype, graph_dtype, site.bias is not None)
+        call = relax.call_tir(gv, args, relax.TensorType((n, h, w, o), graph_dtype))
         if not site.out_is_nhwc:
             call = relax.op.permute_dims(self.builder_.emit(call), TO_NCHW)
         self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(call)))
 
 
-def rewrite_cyclefc(mod: tvm.IRModule, params: dict[str, np.ndarray], target: tvm.target.Target
-                    ) -> tuple[tvm.IRModule, dict[str, np.ndarray], dict]:
-    """Rewrite every CycleFC site of ``main``; return the module, its params in call order, and a report."""
+def rewrite_cyclefc(mod: tvm.IRModule, params: dict[str, np.ndarray], target: tvm.target.Target,
+                    dtype: str | None = None) -> tuple[tvm.IRModule, dict[str, np.ndarray], dict]:
+    """Rewrite every CycleFC site of ``main`` into kernels computing in ``dtype`` (None: the graph's); return
+    the module, its params in call order, and a report."""
     func = mod["main"]
     num_input = int(func.attrs["num_input"])
     sites = find_cyclefc_sites(func, set(params))
     if not sites:
         return mod, params, {"sites": 0}
-    rewriter = _SiteRewriter(mod, sites, target)
+    rewriter = _SiteRewriter(mod, sites, target, dtype)
     body = rewriter.visit_expr(func.body)
     used = {v.name for v in relax.analysis.free_vars(body)}
     weights = [p for p in func.params[num_input:] if p.name in used]
@@ -175,5 +185,7 @@ def rewrite_cyclefc(mod: tvm.IRModule, params: dict[str, np.ndarray], target: tv
     new_params = {p.name: params[p.name] for p in weights}
     for weight, t in rewriter.transposed.items():
         o, c = _shape(weight)[:2]
-        new_params[t.name] = np.ascontiguousarray(params[weight.name].reshape(o, c).T)
-    return new_mod, new_params, {"sites": len(sites), "kernels": len(rewriter.kernels), "schedule": target.kind.name}
+        new_params[t.name] = np.ascontiguousarray(params[weight.name].reshape(o, c).T.astype(str(t.ty.dtype)))
+    dtypes = sorted({dtype for (*_, dtype, _out_dtype, _has_bias) in rewriter.kernels})
+    return new_mod, new_params, {"sites": len(sites), "kernels": len(rewriter.kernels), "dtype": "+".join(dtypes),
+                                 "schedule": target.kind.name}
