@@ -121,6 +121,47 @@ def build_options(command):
     return command
 
 
+def _host_port(_ctx, _param, value: str | None) -> tuple[str, int] | None:
+    if value is None:
+        return None
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit():
+        raise click.BadParameter(f"{value!r} is not HOST:PORT")
+    return host, int(port)
+
+
+def board_options(what: str, required: bool = False):
+    """--device, --rpc-tracker with --rpc-key, and --timeout: the board a command talks to, passed to it as
+    ``board`` (a Board, or None when neither address is given and ``required`` is false) and ``timeout``."""
+    options = (
+        click.option("--device", "device_addr", callback=_host_port, default=None, metavar="HOST:PORT",
+                     help=f"{what} on the board's TVM RPC server (see `deploy --help`)."),
+        click.option("--rpc-tracker", callback=_host_port, default=None, metavar="HOST:PORT",
+                     help=f"{what} on a board registered with this TVM RPC tracker (needs --rpc-key)."),
+        click.option("--rpc-key", default=None, metavar="KEY", help="The board's key at the tracker."),
+        click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
+                     metavar="S", help="Give up when the board or tracker does not answer for S seconds."),
+    )
+
+    def decorate(command):
+        @functools.wraps(command)
+        def wrapper(*args, device_addr, rpc_tracker, rpc_key, **kwargs):
+            if (rpc_tracker is None) != (rpc_key is None):
+                raise click.UsageError("--rpc-tracker and --rpc-key go together")
+            if device_addr and rpc_tracker:
+                raise click.UsageError("give either --device or --rpc-tracker, not both")
+            if required and not (device_addr or rpc_tracker):
+                raise click.UsageError("give either --device HOST:PORT or --rpc-tracker HOST:PORT with --rpc-key")
+            board = Board(*device_addr) if device_addr else Board(*rpc_tracker, rpc_key) if rpc_tracker else None
+            return command(*args, board=board, **kwargs)
+
+        for option in reversed(options):
+            wrapper = option(wrapper)
+        return wrapper
+
+    return decorate
+
+
 def _show_version(ctx, _param, value) -> None:
     if value and not ctx.resilient_parsing:
         commit = version.source_commit()
@@ -181,15 +222,17 @@ def compile_cmd(model_name: str, target_name: str, batch: int, weights: Path | N
               help="Also write every layer's comparison to FILE.")
 @click.option("--rows", type=click.IntRange(min=1), default=25, show_default=True,
               help="Table rows: the first divergent layer and those after it.")
+@board_options("Run the probe build")
 @reports_errors()
 def diagnose_cmd(model_name: str, target_name: str, batch: int, weights: Path | None, seed: int,
                  cuda_arch: str | None, fp16: bool, keep_fp32: tuple[str, ...], json_out: Path | None,
-                 rows: int) -> None:
+                 rows: int, board: Board | None, timeout: float) -> None:
     """Name the first layer where the compiled model leaves PyTorch's numbers, and the layers after it.
 
     One extra build: every PyTorch module's output becomes an output of the exported graph, compiled through
     the compile's own stages and run where verify runs it (this host; qemu for aarch64 targets; the host twin
-    for a library this machine cannot run, e.g. CUDA without a GPU). Each output is compared with the module's
+    for a library this machine cannot run, e.g. CUDA without a GPU), or with --device / --rpc-tracker on the
+    board, over TVM RPC as `deploy` reaches it. Each output is compared with the module's
     output in PyTorch (forward hooks), with the build's tolerance, atol scaled by the layer's range. The extra
     outputs keep fusion from crossing module boundaries: what only a fusion causes may look different here.
     Exit status 3 when a layer or the logits leave tolerance.
@@ -198,7 +241,7 @@ def diagnose_cmd(model_name: str, target_name: str, batch: int, weights: Path | 
 
     spec = BuildSpec(model=model_name, target=target_name, batch=batch, weights=weights, seed=seed,
                      cuda_arch=cuda_arch, fp16=fp16, keep_fp32=keep_fp32)
-    result = diagnose(spec, listener=StageProgress())
+    result = diagnose(spec, listener=StageProgress(), board=board, timeout=timeout)
     console.print(f"  ran: {result.ran}", highlight=False, soft_wrap=True)
     for kept in result.kept_float32:
         console.print(f"  float32: {kept['layer']} ({kept['kind']})", highlight=False, soft_wrap=True)
@@ -272,47 +315,6 @@ class TuneProgress:
 
 def _microseconds(us: float) -> str:
     return f"{us:,.1f} µs" if us >= 10 else f"{us:.3g} µs"
-
-
-def _host_port(_ctx, _param, value: str | None) -> tuple[str, int] | None:
-    if value is None:
-        return None
-    host, _, port = value.rpartition(":")
-    if not host or not port.isdigit():
-        raise click.BadParameter(f"{value!r} is not HOST:PORT")
-    return host, int(port)
-
-
-def board_options(what: str, required: bool = False):
-    """--device, --rpc-tracker with --rpc-key, and --timeout: the board a command talks to, passed to it as
-    ``board`` (a Board, or None when neither address is given and ``required`` is false) and ``timeout``."""
-    options = (
-        click.option("--device", "device_addr", callback=_host_port, default=None, metavar="HOST:PORT",
-                     help=f"{what} on the board's TVM RPC server (see `deploy --help`)."),
-        click.option("--rpc-tracker", callback=_host_port, default=None, metavar="HOST:PORT",
-                     help=f"{what} on a board registered with this TVM RPC tracker (needs --rpc-key)."),
-        click.option("--rpc-key", default=None, metavar="KEY", help="The board's key at the tracker."),
-        click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
-                     metavar="S", help="Give up when the board or tracker does not answer for S seconds."),
-    )
-
-    def decorate(command):
-        @functools.wraps(command)
-        def wrapper(*args, device_addr, rpc_tracker, rpc_key, **kwargs):
-            if (rpc_tracker is None) != (rpc_key is None):
-                raise click.UsageError("--rpc-tracker and --rpc-key go together")
-            if device_addr and rpc_tracker:
-                raise click.UsageError("give either --device or --rpc-tracker, not both")
-            if required and not (device_addr or rpc_tracker):
-                raise click.UsageError("give either --device HOST:PORT or --rpc-tracker HOST:PORT with --rpc-key")
-            board = Board(*device_addr) if device_addr else Board(*rpc_tracker, rpc_key) if rpc_tracker else None
-            return command(*args, board=board, **kwargs)
-
-        for option in reversed(options):
-            wrapper = option(wrapper)
-        return wrapper
-
-    return decorate
 
 
 @cli.command("tune")

@@ -32,6 +32,7 @@ from .spec import Board
 from .toolchain import elf
 
 if TYPE_CHECKING:
+    import numpy as np
     from tvm.rpc import RPCSession
 
 DEFAULT_TIMEOUT_S = 60.0
@@ -130,8 +131,6 @@ def check_board(remote: RPCSession, board: Board, directory: Path, manifest: dic
 def run_on_board(remote: RPCSession, board: Board, directory: Path, manifest: dict, arch: str | None, *,
                  warmup: int, repeat: int, timeout: float) -> dict:
     """Upload, load, run once and check the outputs, then time; return the checks, latency and step times."""
-    from tvm.runtime.vm import VirtualMachine
-
     params, inputs, reference = runtime.load_arrays(directory, manifest)
     seconds: dict[str, float] = {}
 
@@ -141,6 +140,23 @@ def run_on_board(remote: RPCSession, board: Board, directory: Path, manifest: di
         with remote_step(what, board, limit):
             yield
         seconds[name] = time.perf_counter() - start
+
+    vm, dev = _load_on_board(remote, directory, manifest, arch, step)
+    with step("copy_in", "copying inputs and params to the board"):
+        args = runtime.to_device([*inputs.values(), *params.values()], dev)
+    with step("first_run", "running the model"):
+        outputs = runtime.run_vm(vm, args, tuple(reference))
+        threads = remote.get_function("runtime.NumThreads")()  # the pool is sized at the first run
+    checks = runtime.require_outputs_match(outputs, reference, manifest)
+    # The board is busy for about (warmup + repeat) runs here; the timeout bounds the silence beyond that.
+    with step("timing", f"timing {repeat} runs", timeout + 2 * (warmup + repeat) * seconds["first_run"]):
+        latency = runtime.latency_stats(runtime.time_vm(vm, dev, args, warmup, repeat))
+    return {"checks": checks, "latency": latency, "seconds": seconds, "threads": threads}
+
+
+def _load_on_board(remote: RPCSession, directory: Path, manifest: dict, arch: str | None, step):
+    """Upload and load the library of ``directory`` on the board, each under ``step``; return its VM and device."""
+    from tvm.runtime.vm import VirtualMachine
 
     with step("upload", f"uploading {runtime.LIBRARY}"):
         remote.upload(str(directory / runtime.LIBRARY))
@@ -154,17 +170,25 @@ def run_on_board(remote: RPCSession, board: Board, directory: Path, manifest: di
             raise TargetMismatch(f"the board cannot load this {lib_arch} library ({_reason(e)}); its CPU is probably "
                                  f"not {lib_arch}: compile for the board's target (python -m pipeline list-targets)") from None
         dev = remote.device(manifest["target"]["device"])
-        vm = VirtualMachine(library, dev)
-    with step("copy_in", "copying inputs and params to the board"):
-        args = runtime.to_device([*inputs.values(), *params.values()], dev)
-    with step("first_run", "running the model"):
-        outputs = runtime.run_vm(vm, args, tuple(reference))
-        threads = remote.get_function("runtime.NumThreads")()  # the pool is sized at the first run
-    checks = runtime.require_outputs_match(outputs, reference, manifest)
-    # The board is busy for about (warmup + repeat) runs here; the timeout bounds the silence beyond that.
-    with step("timing", f"timing {repeat} runs", timeout + 2 * (warmup + repeat) * seconds["first_run"]):
-        latency = runtime.latency_stats(runtime.time_vm(vm, dev, args, warmup, repeat))
-    return {"checks": checks, "latency": latency, "seconds": seconds, "threads": threads}
+        return VirtualMachine(library, dev), dev
+
+
+def outputs_on_board(board: Board, directory: Path, manifest: dict, params: dict[str, np.ndarray],
+                     inputs: dict[str, np.ndarray], output_names: tuple[str, ...], timeout: float
+                     ) -> dict[str, np.ndarray]:
+    """Run the library of ``directory`` (``manifest``: its target and build report) once on ``board``; return its
+    outputs, unchecked (``diagnose`` compares them layer by layer)."""
+    remote = connect(board, timeout)
+    arch = check_board(remote, board, directory, manifest, timeout)
+
+    @contextlib.contextmanager
+    def step(_name: str, what: str) -> Iterator[None]:
+        with remote_step(what, board, timeout):
+            yield
+
+    vm, dev = _load_on_board(remote, directory, manifest, arch, step)
+    with step("run", "running the model"):
+        return runtime.run_vm(vm, runtime.to_device([*inputs.values(), *params.values()], dev), output_names)
 
 
 def verify_on_board(board: Board, directory: Path, manifest: dict, *, warmup: int, repeat: int,

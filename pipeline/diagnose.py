@@ -21,10 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
+from . import runtime
+from .deploy import outputs_on_board
 from .errors import NumericsFailed, VerificationFailed
 from .run import StageListener, compile_model, front_end, kept_float32, staged
 from .runtime import OutputCheck, compare
-from .spec import BuildSpec, resolve_target
+from .spec import Board, BuildSpec, resolve_target
 
 # --fp16 auto gives up after keeping this many layers: past a few, float16 is no longer the model's precision.
 AUTO_MAX_LAYERS = 8
@@ -115,8 +117,9 @@ class Diagnosis:
 
 
 def diagnose(spec: BuildSpec, listener: StageListener = lambda *_: None,
-             kept_why: dict[str, str] | None = None) -> Diagnosis:
-    """Build ``spec`` with every module's output as an extra output, run it, compare each with PyTorch's."""
+             kept_why: dict[str, str] | None = None, board: Board | None = None, timeout: float = 60.0) -> Diagnosis:
+    """Build ``spec`` with every module's output as an extra output, run it (here, or on ``board`` over TVM RPC,
+    as ``deploy`` reaches it), compare each with PyTorch's."""
     from .stages.build import build
     from .stages.layers import add_probe_outputs, module_kinds
     from .stages.optimize import optimize
@@ -138,14 +141,21 @@ def diagnose(spec: BuildSpec, listener: StageListener = lambda *_: None,
         kept = kept_float32(spec, front, work, kept_why)
         keep = kept.bindings if kept else frozenset()
         names = (*OUTPUT_NAMES, *(p.value for p in probes if p.value not in OUTPUT_NAMES))
-        reason = why_not_run_here(target)
+        reason = why_not_run_here(target) if board is None else None
         if reason is None:
             with stage("optimize"):
                 mod, params, _ = optimize(front.mod, front.params, target, spec.fp16, keep)
             with stage("build"):
-                build(mod, target, work / "probe.so")
+                probe = work / "probe"
+                probe.mkdir()
+                built = build(mod, target, probe / runtime.LIBRARY)
             with stage("run"):
-                outputs, ran = run_compiled_library(target, work / "probe.so", params, front.inputs, names)
+                if board is None:
+                    outputs, ran = run_compiled_library(target, probe / runtime.LIBRARY, params, front.inputs, names)
+                else:
+                    board_manifest = {"target": {"name": target.name, "device": target.device, "build": built}}
+                    outputs = outputs_on_board(board, probe, board_manifest, params, front.inputs, names, timeout)
+                    ran = f"ran on the board {board} over TVM RPC"
             ran = f"the probe build for {target.name}, {ran}"
         else:  # the host twin's optimize and build for this CPU
             with stage("host twin"):

@@ -455,15 +455,20 @@ def to_device(arrays: list[np.ndarray], dev: tvm.runtime.Device) -> list[tvm.run
 def run_vm(vm: VirtualMachine, args: list[tvm.runtime.Tensor], output_names: tuple[str, ...]) -> dict[str, np.ndarray]:
     """Run "main" once and copy its outputs here.
 
-    A plain call, not set_input/get_outputs: VirtualMachine.get_outputs makes a reference cycle
-    (a recursive closure over the VM) that would keep an RPC session, and so the board's
-    one-session-at-a-time server, busy until Python's garbage collector happens to run.
+    Not VirtualMachine.get_outputs: it makes a reference cycle (a recursive closure over the VM) that would keep
+    an RPC session, and so the board's one-session-at-a-time server, busy until Python's garbage collector
+    happens to run.
     """
-    import tvm
-
-    out = vm["main"](*args)
-    outs = (out,) if isinstance(out, tvm.runtime.Tensor) else tuple(out)
-    return {name: t.numpy() for name, t in zip(output_names, outs, strict=True)}
+    if len(output_names) == 1:
+        return {output_names[0]: vm["main"](*args).numpy()}
+    # A tuple returned over RPC is a remote object that cannot be iterated here: read it item by item with the
+    # VM's own functions (diagnose's probe builds return hundreds of outputs).
+    vm.set_input("main", *args)
+    vm.invoke_stateful("main")
+    arity, get = vm.module["get_output_arity"]("main"), vm.module["get_output"]
+    if arity != len(output_names):
+        raise ValueError(f"the library returns {arity} outputs, not the {len(output_names)} expected")
+    return {name: get("main", i).numpy() for i, name in enumerate(output_names)}
 
 
 def time_vm(vm: VirtualMachine, dev: tvm.runtime.Device, args: list[tvm.runtime.Tensor], warmup: int,

@@ -13,11 +13,11 @@ import torch
 import tvm
 from tvm import relax
 
-from conftest import DEFAULT_FULL_SIZE, TEST_MODELS, emulator_available, linker_available, run_cli
+from conftest import RPC_HOST, DEFAULT_FULL_SIZE, TEST_MODELS, emulator_available, linker_available, run_cli
 from pipeline.diagnose import LayersDiverged, compile_fp16_auto, diagnose
 from pipeline.errors import BadInput, VerificationFailed
 from pipeline.run import compile_model
-from pipeline.spec import BuildSpec
+from pipeline.spec import Board, BuildSpec
 from pipeline.stages import optimize
 from pipeline.stages.layers import keep_float32_layers, module_kinds
 from pipeline.stages.model import load_model
@@ -67,6 +67,14 @@ def test_a_wrong_rewrite_is_named_exactly(wrong_rewrite):
     assert not result.output.passed
     with pytest.raises(LayersDiverged, match=WRONG_LAYER):
         result.raise_if_diverged()
+
+
+def test_a_wrong_rewrite_is_named_on_a_board_over_rpc(wrong_rewrite, rpc):
+    """The probe build runs on the board's TVM RPC server (here an x86 one on 127.0.0.1), as deploy reaches it."""
+    board = Board(RPC_HOST, rpc.direct)
+    result = diagnose(BuildSpec(model="test_mixer", target="x86"), board=board, timeout=60)
+    assert f"ran on the board {board}" in result.ran
+    assert result.first_divergent is not None and result.first_divergent.layer == WRONG_LAYER
 
 
 def test_a_failing_compile_points_to_diagnose(wrong_rewrite, tmp_path):
