@@ -45,10 +45,9 @@ def bench_one(name: str, opts, work: Path) -> dict:
             _, manifests[label] = compile_model(BuildSpec(model=name, target=opts.target), work / f"{name}-{label}")
         finally:
             os.environ[paths.SHIPPED_ENV] = str(shipped_root)
-    applied = manifests["shipped"]["tuning"]["records_applied"]
-    row = {"model": name, "records_applied": applied}
-    if not applied:
-        return row
+        if not manifests["shipped"]["tuning"]["records_applied"]:
+            return {"model": name, "records_applied": 0}  # both builds would be the same
+    row = {"model": name, "records_applied": manifests["shipped"]["tuning"]["records_applied"]}
     target = targets.get_target(opts.target)
     for label in manifests:
         directory = work / f"{name}-{label}"
