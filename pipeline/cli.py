@@ -189,17 +189,23 @@ def cli() -> None:
 @keep_fp32_option
 @click.option("--keep-export", is_flag=True,
               help="Also keep model.onnx, the unsimplified export (as large as model.sim.onnx, which is kept).")
+@click.option("--diagnose/--no-diagnose", "diagnose_failures", default=True, show_default=True,
+              help="When verification fails, diagnose the build (one more build, minutes on a large model) and name "
+                   "the first layer that leaves tolerance in the error.")
 @reports_errors("interrupted; no artifact was written")
 def compile_cmd(model_name: str, target_name: str, batch: int, weights: Path | None, out: Path | None,
                 seed: int, cuda_arch: str | None, fp16: str | None, keep_fp32: tuple[str, ...],
-                keep_export: bool) -> None:
-    """Export, simplify, import, optimize, build, verify and package one model for one target."""
-    from .diagnose import compile_fp16_auto
+                keep_export: bool, diagnose_failures: bool) -> None:
+    """Export, simplify, import, optimize, build, verify and package one model for one target.
+
+    When verification fails, the build is diagnosed (`diagnose`: one more build) and the error names the first
+    layer that leaves tolerance."""
+    from .diagnose import compile_diagnosed, compile_fp16_auto
     from .run import compile_model
 
     spec = BuildSpec(model=model_name, target=target_name, batch=batch, weights=weights, seed=seed,
                      cuda_arch=cuda_arch, fp16=fp16 is not None, keep_export=keep_export, keep_fp32=keep_fp32)
-    build = compile_fp16_auto if fp16 == "auto" else compile_model
+    build = compile_fp16_auto if fp16 == "auto" else compile_diagnosed if diagnose_failures else compile_model
     out_dir, manifest = build(spec, out, listener=StageProgress())
     for kept in manifest["passes"].get("kept_float32", []):
         console.print(f"  float32: {kept['layer']} ({kept['kind']}): {kept['why']}", highlight=False, soft_wrap=True)

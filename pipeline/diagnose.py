@@ -24,7 +24,7 @@ import numpy as np
 from . import runtime
 from .deploy import outputs_on_board
 from .errors import NumericsFailed, VerificationFailed
-from .run import StageListener, compile_model, front_end, kept_float32, staged
+from .run import StageListener, compile_model, diagnose_hint, front_end, kept_float32, staged
 from .runtime import OutputCheck, compare
 from .spec import Board, BuildSpec, resolve_target
 
@@ -95,12 +95,20 @@ class Diagnosis:
     def first_divergent(self) -> LayerCheck | None:
         return next((c for c in self.layers if not c.passed), None)
 
-    def raise_if_diverged(self) -> None:
+    def where(self) -> str:
+        """Where it first goes wrong, in one line (or that no layer does)."""
         first = self.first_divergent
-        if first or not self.output.passed:
-            where = (f"first divergent layer {first.layer} ({first.kind}, #{first.index}: allclose {first.allclose:.3g} "
-                     f"of 1, NaN {first.nan}, Inf {first.inf})" if first else self.output.describe())
-            raise LayersDiverged(f"{self.model} on {self.target} ({self.precision}): {where}")
+        if first is None:
+            return "no layer leaves tolerance in the probe build" + ("" if self.output.passed else
+                                                                       f" but its logits do ({self.output.describe()})")
+        after = sum(not c.passed for c in self.layers[first.index + 1:])
+        return (f"first divergent layer {first.layer} ({first.kind}, #{first.index}: allclose {first.allclose:.3g} "
+                f"of 1, max_abs {first.max_abs:.3g}, NaN {first.nan}, Inf {first.inf}), {after} layer(s) after it "
+                "past tolerance")
+
+    def raise_if_diverged(self) -> None:
+        if self.first_divergent or not self.output.passed:
+            raise LayersDiverged(f"{self.model} on {self.target} ({self.precision}): {self.where()}")
 
     def to_json(self) -> dict:
         first = self.first_divergent
@@ -205,6 +213,19 @@ def choose_float32_layers(spec: BuildSpec, listener: StageListener = lambda *_: 
         why[worst.layer] = (f"--fp16 auto, round {len(rounds)}: {'first layer past' if first else 'furthest from'} "
                             f"its float16 tolerance (allclose {worst.allclose:.3g}, max_abs {worst.max_abs:.3g}, "
                             f"NaN {worst.nan}, Inf {worst.inf}) while the logits failed ({d.output.describe()})")
+
+
+def compile_diagnosed(spec: BuildSpec, out: Path | None = None, listener: StageListener = lambda *_: None
+                      ) -> tuple[Path, dict]:
+    """`compile`: when verification fails, diagnose the build (one more build: minutes on the largest model) and
+    say in the error where it first goes wrong."""
+    try:
+        return compile_model(spec, out, listener)
+    except VerificationFailed as e:
+        failed = e
+    where = diagnose(spec, listener).where()  # outside the except: its traceback would chain the first failure
+    raise VerificationFailed(failed.failures, f"numerics check failed; diagnosed: {where} (`{diagnose_hint(spec)}` "
+                                              "for the table)")
 
 
 def compile_fp16_auto(spec: BuildSpec, out: Path | None = None, listener: StageListener = lambda *_: None

@@ -14,7 +14,7 @@ import tvm
 from tvm import relax
 
 from conftest import RPC_HOST, DEFAULT_FULL_SIZE, TEST_MODELS, emulator_available, linker_available, run_cli
-from pipeline.diagnose import LayersDiverged, compile_fp16_auto, diagnose
+from pipeline.diagnose import LayersDiverged, compile_diagnosed, compile_fp16_auto, diagnose
 from pipeline.errors import BadInput, VerificationFailed
 from pipeline.run import compile_model
 from pipeline.spec import Board, BuildSpec
@@ -75,6 +75,12 @@ def test_a_wrong_rewrite_is_named_on_a_board_over_rpc(wrong_rewrite, rpc):
     result = diagnose(BuildSpec(model="test_mixer", target="x86"), board=board, timeout=60)
     assert f"ran on the board {board}" in result.ran
     assert result.first_divergent is not None and result.first_divergent.layer == WRONG_LAYER
+
+
+def test_a_failing_compile_names_the_first_divergent_layer(wrong_rewrite, tmp_path):
+    with pytest.raises(VerificationFailed, match=f"diagnosed: first divergent layer {WRONG_LAYER} \\(LayerNorm"):
+        compile_diagnosed(BuildSpec(model="test_mixer", target="x86"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing half-written
 
 
 def test_a_failing_compile_points_to_diagnose(wrong_rewrite, tmp_path):
