@@ -210,3 +210,17 @@ def test_resources_match_cuobjdump(tmp_path):
         line = out.split(f"Function {k['name']}:")[1].splitlines()[1]
         assert f"REG:{k['registers']} " in line and f"SHARED:{k['shared_bytes']} " in line
         assert "STACK:0 " in line and "LOCAL:0 " in line
+
+
+def test_a_cuda_modules_code_is_split_off_whatever_its_last_bytes():
+    """A serialized CUDA module is <fmt> <fmap> <code>, each length-prefixed; a cubin whose last 16 bytes read as
+    [u64 8][8 bytes] once passed for an 8-byte code field (seen on a tuning candidate: "not an ELF cubin")."""
+    import struct
+
+    from pipeline.toolchain.cubin import _split_cuda_module
+
+    def field(b: bytes) -> bytes:
+        return struct.pack("<Q", len(b)) + b
+
+    code = b"\x7fELF" + bytes(64) + struct.pack("<Q", 8) + b"12345678"
+    assert _split_cuda_module(field(b"cubin") + field(b"fmap: any bytes") + field(code)) == ("cubin", code)

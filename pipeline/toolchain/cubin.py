@@ -147,11 +147,12 @@ def _split_cuda_module(payload: bytes) -> tuple[str, bytes]:
     """(fmt, code) of a serialized CUDA module: <fmt:str> <fmap> <code:bytes>.
 
     fmap is not parsed: code is the trailing length-prefixed field, so find the split point
-    whose u64 prefix equals the remaining length.
+    whose u64 prefix equals the remaining length, scanning from the front: from the back, the last 16
+    bytes of a cubin that end in [u64 8][8 bytes] matched first (a flaky "not an ELF cubin").
     """
     n, p = _read_u64(payload, 0)
     fmt = payload[p: p + n].decode()
-    for q in range(len(payload) - 8, p + n - 1, -1):
+    for q in range(p + n, len(payload) - 7):
         if struct.unpack_from("<Q", payload, q)[0] == len(payload) - q - 8:
             return fmt, payload[q + 8:]
     raise ValueError("malformed CUDA module payload")
