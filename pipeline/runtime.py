@@ -453,22 +453,20 @@ def to_device(arrays: list[np.ndarray], dev: tvm.runtime.Device) -> list[tvm.run
 
 
 def run_vm(vm: VirtualMachine, args: list[tvm.runtime.Tensor], output_names: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """Run "main" once and copy its outputs here.
+    """Run "main" once and copy its outputs here (one tensor, or a tuple of them), read item by item with the VM's
+    own functions: a tuple returned over RPC is a remote object that cannot be iterated here.
 
     Not VirtualMachine.get_outputs: it makes a reference cycle (a recursive closure over the VM) that would keep
     an RPC session, and so the board's one-session-at-a-time server, busy until Python's garbage collector
     happens to run.
     """
-    if len(output_names) == 1:
-        return {output_names[0]: vm["main"](*args).numpy()}
-    # A tuple returned over RPC is a remote object that cannot be iterated here: read it item by item with the
-    # VM's own functions (diagnose's probe builds return hundreds of outputs).
     vm.set_input("main", *args)
     vm.invoke_stateful("main")
     arity, get = vm.module["get_output_arity"]("main"), vm.module["get_output"]
-    if arity != len(output_names):
-        raise ValueError(f"the library returns {arity} outputs, not the {len(output_names)} expected")
-    return {name: get("main", i).numpy() for i, name in enumerate(output_names)}
+    outs = [get("main")] if arity == -1 else [get("main", i) for i in range(arity)]  # -1: one tensor
+    if len(outs) != len(output_names):
+        raise ValueError(f"the library returns {len(outs)} output(s), not the {len(output_names)} expected")
+    return {name: t.numpy() for name, t in zip(output_names, outs)}
 
 
 def time_vm(vm: VirtualMachine, dev: tvm.runtime.Device, args: list[tvm.runtime.Tensor], warmup: int,
