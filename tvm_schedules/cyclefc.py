@@ -7,6 +7,9 @@ kernel, or at row ``h + s(c)`` for a (k, 1) kernel, with ``s(c) = (c + k // 2) %
 outside the image (the CycleMLP / ``models.cyclemlp.CycleFC`` semantics); then
 ``out[..., o] = sum_c W[o, c] * shifted[..., c] + b[o]``.
 
+The same kernel with J branches is CycleMLP's whole token mixer (``token_mixer_te``: sfc_h, sfc_w and mlp_c from
+one read of the input, mixed by their softmax weights; ``passes.fuse_cycle_token_mixer`` swaps it in).
+
 ``schedule_cyclefc(func, target)`` picks a schedule by target kind:
 
 * ``llvm``: a register-tiled GEMM (M = N*H*W pixels, tiled along W; K = C; N = O). Each parallel task
@@ -34,9 +37,14 @@ from .cpu.isa import cpu_tiles, cpu_vector_lanes, cpu_vector_registers
 from .scheduled import mark_scheduled
 from .workload import contraction
 
-__all__ = ["cyclefc_te", "cyclefc_primfunc", "schedule_cyclefc", "cpu_vector_lanes", "cpu_tiles", "SCHEDULES"]
+__all__ = ["cyclefc_te", "cyclefc_primfunc", "token_mixer_te", "token_mixer_primfunc", "schedule_cyclefc",
+           "cpu_vector_lanes", "cpu_tiles", "SCHEDULES", "RULES", "CYCLEFC_RULE", "TOKEN_MIXER_RULE",
+           "TOKEN_SQUEEZE_RULE"]
 
 _LOW_PRECISION = ("float16", "bfloat16")
+# What the manifest says scheduled these kernels (``schedule_cyclefc``'s ``rule``).
+CYCLEFC_RULE, TOKEN_MIXER_RULE, TOKEN_SQUEEZE_RULE = "CycleFC", "CycleMLP token mixer", "CycleMLP token squeeze"
+RULES = (CYCLEFC_RULE, TOKEN_MIXER_RULE, TOKEN_SQUEEZE_RULE)
 
 
 def _normalize_kernel(kernel_size) -> tuple[int, int]:
@@ -50,6 +58,40 @@ def _acc_dtype(dtype: str) -> str:
     return "float32" if dtype in _LOW_PRECISION else dtype
 
 
+def _offsets(kernel_size):
+    """``c -> (dy, dx)``: where channel c of a CycleFC with ``kernel_size`` reads ((1, 1): in place)."""
+    kh, kw = (1, 1) if tuple(kernel_size) == (1, 1) else _normalize_kernel(kernel_size)
+    k = kh * kw  # the long side; the other side is 1
+    zero = lambda ci: tirx.const(0, ci.ty) if hasattr(ci, "ty") else 0  # noqa: E731
+    if k == 1:
+        return lambda ci: (zero(ci), zero(ci))
+    shift = lambda ci: tirx.floormod(ci + k // 2, k) - k // 2  # noqa: E731
+    return (lambda ci: (zero(ci), shift(ci))) if kh == 1 else (lambda ci: (shift(ci), zero(ci)))
+
+
+def _read_at(x: te.Tensor, b, y, xx, ci, dy, dx):
+    """x[b, y + dy, xx + dx, ci], zero outside the image (bounds checked only along a moved axis)."""
+    h, w = x.shape[1], x.shape[2]
+    moved = [(v + d, extent) for v, d, extent in ((y, dy, h), (xx, dx, w)) if not (isinstance(d, int) and d == 0)
+             and not (isinstance(d, tirx.IntImm) and d.value == 0)]
+    value = x[b, y + dy, xx + dx, ci]
+    if not moved:
+        return value
+    return tirx.if_then_else(tirx.all(*(c for v, e in moved for c in (v >= 0, v < e))), value, tirx.const(0, x.dtype))
+
+
+def _shifted(x: te.Tensor, kernel_size):
+    """``(b, y, x, c) -> x`` read at channel c's CycleFC shift for ``kernel_size`` ((1, 1): unshifted)."""
+    offsets = _offsets(kernel_size)
+    return lambda b, y, xx, ci: _read_at(x, b, y, xx, ci, *offsets(ci))
+
+
+def _check_channels(x: te.Tensor, c_w) -> None:
+    c = x.shape[3]
+    if isinstance(c_w, tirx.IntImm) and isinstance(c, tirx.IntImm) and int(c_w) != int(c):
+        raise ValueError(f"the weight has C = {c_w} but x has C = {c}")
+
+
 def cyclefc_te(x: te.Tensor, weight_t: te.Tensor, bias: te.Tensor | None, kernel_size,
                out_dtype: str | None = None) -> te.Tensor:
     """TE compute of CycleFC in NHWC: returns (N, H, W, O) in ``out_dtype`` (default ``x.dtype``).
@@ -59,38 +101,86 @@ def cyclefc_te(x: te.Tensor, weight_t: te.Tensor, bias: te.Tensor | None, kernel
     (bias add and cast to ``out_dtype``).
     """
     n, h, w, c = x.shape
-    c_w, o = weight_t.shape
-    if isinstance(c_w, tirx.IntImm) and isinstance(c, tirx.IntImm) and int(c_w) != int(c):
-        raise ValueError(f"weight_t is (C, O) = {tuple(weight_t.shape)} but x has C = {c}")
-    kh, kw = _normalize_kernel(kernel_size)
-    k = kh * kw  # the long side; the other side is 1
-    along_w = kh == 1
-    dtype = x.dtype
-    acc = _acc_dtype(dtype)
-    out_dtype = out_dtype or dtype
-
-    def shifted(b, y, xx, ci):
-        s = tirx.floormod(ci + k // 2, k) - k // 2
-        if along_w:
-            yy, x2 = y, xx + s
-            inside = tirx.all(x2 >= 0, x2 < w)
-        else:
-            yy, x2 = y + s, xx
-            inside = tirx.all(yy >= 0, yy < h)
-        return tirx.if_then_else(inside, x[b, yy, x2, ci], tirx.const(0, dtype))
-
-    xs = te.compute((n, h, w, c), shifted, name="shift")
+    _check_channels(x, weight_t.shape[0])
+    o = weight_t.shape[1]
+    _normalize_kernel(kernel_size)
+    acc = _acc_dtype(x.dtype)
+    xs = te.compute((n, h, w, c), _shifted(x, kernel_size), name="shift")
     rk = te.reduce_axis((0, c), name="k")
     mm = te.compute(
         (n, h, w, o),
         lambda b, y, xx, oo: te.sum(xs[b, y, xx, rk].astype(acc) * weight_t[rk, oo].astype(acc), axis=rk),
         name="mm",
     )
-    if bias is not None:
-        return te.compute(
-            (n, h, w, o), lambda b, y, xx, oo: (mm[b, y, xx, oo] + bias[oo].astype(acc)).astype(out_dtype), name="out"
-        )
-    return te.compute((n, h, w, o), lambda b, y, xx, oo: mm[b, y, xx, oo].astype(out_dtype), name="out")
+    return _epilogue(mm, None if bias is None else (lambda b, oo: bias[oo]), out_dtype or x.dtype)
+
+
+def _epilogue(mm: te.Tensor, bias, out_dtype: str) -> te.Tensor:
+    """``out`` = mm (+ bias(b, o)), cast to ``out_dtype``."""
+    acc = mm.dtype
+    if bias is None:
+        return te.compute(mm.shape, lambda b, y, xx, oo: mm[b, y, xx, oo].astype(out_dtype), name="out")
+    return te.compute(mm.shape, lambda b, y, xx, oo: (mm[b, y, xx, oo] + bias(b, oo).astype(acc)).astype(out_dtype),
+                      name="out")
+
+
+def token_mixer_te(x: te.Tensor, weight: te.Tensor, scale: te.Tensor | None, bias: te.Tensor | None, branches,
+                   out_dtype: str | None = None) -> te.Tensor:
+    """CycleMLP's mixed branches as one contraction: ``out[b, p, o] = sum_j scale[b, j, o] * (shift_j(x)[b, p, :]
+    @ weight[j])[o] + bias[b, o]``, NHWC.
+
+    ``weight`` (J*C, O): the branches' projections, each transposed to (C, O), stacked; ``branches``: J kernel sizes, a CycleFC's (1, k) or
+    (k, 1), or (1, 1) for an unshifted branch (``mlp_c``); ``scale`` (N, J, O): the branch weights (CycleMLP's
+    softmax over branches, per image and output channel); ``bias`` (N, O): the scaled branch biases, summed.
+    The scale rides on the weight (block ``scaled_weight``, inlined by every schedule: on a CPU one multiply per
+    weight vector and k step, on a GPU one per element loaded into shared memory), so the branches share one
+    accumulator and nothing but ``out`` is written. Stages: ``shift`` (N, H, W, J, C), ``scaled_weight``
+    (N, J, C, O), ``mm`` (reduction over J and C), ``out``.
+
+    With ``x`` of shape (N, H, W, J, C), branch j reads ``x[..., j, :]`` (unshifted branches only) and with
+    ``scale`` None the weights are read as they are: the same kernel, on the same weight, computes the mixer's
+    squeeze (the branches' pixel means projected, ``fuse_cycle_token_mixer``).
+    """
+    per_branch = len(x.shape) == 5
+    if per_branch and any(tuple(k) != (1, 1) for k in branches):
+        raise ValueError("an input per branch (N, H, W, J, C) is read unshifted: every kernel size must be (1, 1)")
+    n, h, w, c = (*x.shape[:3], x.shape[-1])
+    nb, o = len(branches), weight.shape[1]
+    if int(weight.shape[0]) != nb * int(c):
+        raise ValueError(f"weight is {tuple(weight.shape)}, not (J*C, O) for J = {nb} branches and C = {c}")
+    dtype, acc = x.dtype, _acc_dtype(x.dtype)
+    nb = tirx.IntImm(str(c.ty), nb) if isinstance(c, tirx.IntImm) else nb  # index types alike (int64 in ours)
+    offsets = [_offsets(k) for k in branches]
+
+    def shift(b, y, xx, j, ci):
+        if per_branch:
+            return x[b, y, xx, j, ci]
+        # one guarded load at the branch's offsets, picked as integers (a CPU schedule unrolls j, which folds them;
+        # a choice between loads made the GPU kernel spill on NVRTC 11.8)
+        dy, dx = offsets[-1](ci)
+        for i in range(int(nb) - 2, -1, -1):
+            dy_i, dx_i = offsets[i](ci)
+            dy, dx = tirx.Select(j == i, dy_i, dy), tirx.Select(j == i, dx_i, dx)
+        return _read_at(x, b, y, xx, ci, dy, dx)
+
+    xs = te.compute((n, h, w, nb, c), shift, name="shift")
+    if scale is None:
+        ws = lambda b, j, ci, oo: weight[j * c + ci, oo]  # noqa: E731
+    else:
+        scaled = te.compute((n, nb, c, o), lambda b, j, ci, oo: (
+            weight[j * c + ci, oo].astype(acc) * scale[b, j, oo].astype(acc)).astype(dtype), name="scaled_weight")
+        ws = lambda b, j, ci, oo: scaled[b, j, ci, oo]  # noqa: E731
+    rj, rc = te.reduce_axis((0, nb), name="j"), te.reduce_axis((0, c), name="k")
+    mm = te.compute(
+        (n, h, w, o),
+        lambda b, y, xx, oo: te.sum(xs[b, y, xx, rj, rc].astype(acc) * ws(b, rj, rc, oo).astype(acc), axis=[rj, rc]),
+        name="mm",
+    )
+    return _epilogue(mm, None if bias is None else (lambda b, oo: bias[b, oo]), out_dtype or dtype)
+
+
+def _int64(*values):
+    return [tirx.IntImm("int64", int(v)) for v in values]
 
 
 def cyclefc_primfunc(n, h, w, c, o, kernel_size, dtype="float32", has_bias=True, name="cyclefc",
@@ -100,7 +190,7 @@ def cyclefc_primfunc(n, h, w, c, o, kernel_size, dtype="float32", has_bias=True,
     Extents are int64, as in the functions LegalizeOps makes: FuseTIR fuses this kernel with its consumers
     (a float16 kernel's cast back, say) and refuses a buffer it maps onto one of theirs with other index types.
     """
-    n, h, w, c, o = (tirx.IntImm("int64", int(v)) for v in (n, h, w, c, o))
+    n, h, w, c, o = _int64(n, h, w, c, o)
     x = te.placeholder((n, h, w, c), dtype, name="x")
     wt = te.placeholder((c, o), dtype, name="weight_t")
     b = te.placeholder((o,), out_dtype or dtype, name="bias") if has_bias else None
@@ -109,27 +199,45 @@ def cyclefc_primfunc(n, h, w, c, o, kernel_size, dtype="float32", has_bias=True,
     return te.create_prim_func(args).with_attr("global_symbol", name)
 
 
+def token_mixer_primfunc(n, h, w, c, o, branches, dtype="float32", has_bias=True, name="cycle_token_mixer",
+                         out_dtype: str | None = None, squeeze: bool = False) -> tirx.PrimFunc:
+    """Static-shape PrimFunc ``name(x, weight, scale, [bias,] out)`` of :func:`token_mixer_te` (unscheduled);
+    ``scale`` and ``bias`` in ``out_dtype`` (the graph's), ``x`` and ``weight`` in ``dtype``. ``squeeze``: the
+    mixer's squeeze instead, ``name(x (N, H, W, J, C), weight, [bias,] out)``, unshifted and unscaled."""
+    out_dtype = out_dtype or dtype
+    n, h, w, c, o, nb = _int64(n, h, w, c, o, len(branches))
+    x = te.placeholder((n, h, w, nb, c) if squeeze else (n, h, w, c), dtype, name="x")
+    wt = te.placeholder((nb * c, o), dtype, name="weight")
+    scale = None if squeeze else te.placeholder((n, nb, o), out_dtype, name="scale")
+    b = te.placeholder((n, o), out_dtype, name="bias") if has_bias else None
+    y = token_mixer_te(x, wt, scale, b, branches, out_dtype)
+    args = [x, wt] + ([scale] if scale is not None else []) + ([b] if has_bias else []) + [y]
+    return te.create_prim_func(args).with_attr("global_symbol", name)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # CPU
 
 
 def _schedule_cpu(func: tirx.PrimFunc, target: tvm.target.Target, tile: tuple[int, int] | None = None):
-    """Loops: parallel(N*H * W/mr * O/(nv*vec)) { init tile; for c: unroll mr { unroll nv { vector vec } };
-    epilogue tile }. ``tile`` = (mr, nv) overrides :func:`cpu_tiles` (for experiments)."""
-    sch = Schedule(func)
-    sch.compute_inline(sch.get_sblock("shift"))  # the shift becomes the guarded load inside the GEMM
+    """Loops: parallel(N*H * W/mr * O/(nv*vec)) { init tile; [unroll J {] for c: unroll mr { unroll nv { vector vec
+    } } [}]; epilogue tile }. The token mixer's branch loop J is unrolled, so each branch's shift is a fixed load
+    and its scale vectors are loop-invariant in c (hoisted, nv more registers). ``tile`` = (mr, nv) overrides
+    :func:`cpu_tiles` (for experiments)."""
+    sch = _inline_producers(func)
     mm, out = sch.get_sblock("mm"), sch.get_sblock("out")
-    b, y, xx, oo, kk = sch.get_loops(mm)
+    b, y, xx, oo, *reduction = sch.get_loops(mm)
     w, o = int(sch.get(xx).extent), int(sch.get(oo).extent)
     acc = _acc_dtype(str(func.params[0].dtype))
     lanes, nregs = cpu_vector_lanes(target, acc), cpu_vector_registers(target)
     convert = acc != str(func.params[0].dtype)
-    mr, nv, vec = cpu_tiles(w, o, lanes, nregs, tvm.runtime.DataType(acc).bits // 8, convert)
+    mr, nv, vec = cpu_tiles(w, o, lanes, nregs, tvm.runtime.DataType(acc).bits // 8, convert,
+                            scaled=len(reduction) > 1)
     if tile is not None:
         mr, nv = tile
     xo, xi = sch.split(xx, [None, mr])
     o_o, o_v, o_l = sch.split(oo, [None, nv, vec])
-    sch.reorder(b, y, xo, o_o, kk, xi, o_v, o_l)
+    sch.reorder(b, y, xo, o_o, *reduction, xi, o_v, o_l)
     outer = sch.fuse(b, y, xo, o_o)
     sch.parallel(outer)  # one task per (image row, W tile, O tile)
     sch.reverse_compute_at(out, outer, preserve_unit_loops=True)  # epilogue per tile
@@ -137,7 +245,9 @@ def _schedule_cpu(func: tirx.PrimFunc, target: tvm.target.Target, tile: tuple[in
     sch.vectorize(o_l)
     sch.unroll(o_v)
     sch.unroll(xi)
-    sch.decompose_reduction(mm, kk)  # zero-init of the tile before the C loop; it keeps the loop kinds
+    for branch in reduction[:-1]:
+        sch.unroll(branch)
+    sch.decompose_reduction(mm, reduction[0])  # zero-init of the tile before the reduction; it keeps the loop kinds
     # epilogue: acc + bias, cast, store; same tile shape
     ex, eo = sch.get_loops(out)[-2:]
     eov, eol = sch.split(eo, [None, vec])
@@ -145,6 +255,16 @@ def _schedule_cpu(func: tirx.PrimFunc, target: tvm.target.Target, tile: tuple[in
     sch.unroll(eov)
     sch.unroll(ex)
     return sch.mod["main"]
+
+
+def _inline_producers(func: tirx.PrimFunc) -> Schedule:
+    """The shift becomes the guarded load inside the GEMM, the token mixer's scaling a multiply on the weight."""
+    sch = Schedule(func)
+    names = {sch.get(rv).name_hint for rv in sch.get_child_blocks(sch.get_sblock("root"))}
+    for producer in ("shift", "scaled_weight"):
+        if producer in names:
+            sch.compute_inline(sch.get_sblock(producer))
+    return sch
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -158,13 +278,12 @@ def _schedule_cuda_manual(func: tirx.PrimFunc, target: tvm.target.Target) -> tir
     threadIdx.x running along O (coalesced weight loads and output stores); 128 threads per block; the
     accumulators live in registers ("local"); ragged edges are guarded by the split predicates.
     """
-    sch = Schedule(func)
-    sch.compute_inline(sch.get_sblock("shift"))
+    sch = _inline_producers(func)
     mm, out = sch.get_sblock("mm"), sch.get_sblock("out")
-    b, y, xx, oo, kk = sch.get_loops(mm)
+    b, y, xx, oo, *reduction = sch.get_loops(mm)
     xo, ty, xi = sch.split(xx, [None, 4, 2])
     oo_o, oi, tx = sch.split(oo, [None, 2, 32])
-    sch.reorder(b, y, xo, oo_o, ty, tx, kk, xi, oi)
+    sch.reorder(b, y, xo, oo_o, ty, tx, *reduction, xi, oi)
     blk = sch.fuse(b, y, xo, oo_o)
     sch.bind(blk, "blockIdx.x")
     sch.bind(ty, "threadIdx.y")
@@ -173,7 +292,7 @@ def _schedule_cuda_manual(func: tirx.PrimFunc, target: tvm.target.Target) -> tir
     sch.set_scope(mm, 0, "local")
     sch.unroll(xi)
     sch.unroll(oi)
-    sch.decompose_reduction(mm, kk)
+    sch.decompose_reduction(mm, reduction[0])
     return sch.mod["main"]
 
 
@@ -196,8 +315,9 @@ def _schedule_cuda(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimF
 SCHEDULES = {"llvm": _schedule_cpu, "cuda": _schedule_cuda}
 
 
-def schedule_cyclefc(func: tirx.PrimFunc, target) -> tirx.PrimFunc:
-    """Schedule a :func:`cyclefc_primfunc` for ``target`` (by target kind) and mark it scheduled."""
+def schedule_cyclefc(func: tirx.PrimFunc, target, rule: str = CYCLEFC_RULE) -> tirx.PrimFunc:
+    """Schedule a :func:`cyclefc_primfunc` or :func:`token_mixer_primfunc` for ``target`` (by target kind) and
+    mark it scheduled by ``rule`` (the name the manifest lists it under)."""
     target = tvm.target.Target(target) if not isinstance(target, tvm.target.Target) else target
     try:
         fn = SCHEDULES[target.kind.name]
@@ -205,4 +325,4 @@ def schedule_cyclefc(func: tirx.PrimFunc, target) -> tirx.PrimFunc:
         raise ValueError(f"no CycleFC schedule for target kind {target.kind.name!r}; have {sorted(SCHEDULES)}") from None
     name = func.attrs.get("global_symbol", "cyclefc") if func.attrs is not None else "cyclefc"
     scheduled = fn(func, target)
-    return mark_scheduled(scheduled.with_attr("global_symbol", name), "CycleFC", contraction(func))
+    return mark_scheduled(scheduled.with_attr("global_symbol", name), rule, contraction(func))

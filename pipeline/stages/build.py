@@ -16,6 +16,7 @@ import tvm
 from tvm import relax, tirx
 
 from targets import CudaSpec, TargetSpec
+from tvm_schedules.cyclefc import RULES as CYCLEFC_RULES
 from tvm_schedules.cuda.tensor_core_matmul import MIN_EXTENT as TENSOR_CORE_MIN_EXTENT, has_tensor_cores
 from tvm_schedules.scheduled import scheduled_by
 from tvm_schedules.passes.small_buffers_on_stack import TIR_PIPELINE
@@ -37,7 +38,7 @@ def kernel_limit_violations(kernels: list[dict], cuda: CudaSpec) -> list[str]:
 # Rules that schedule a conv or matmul as a contraction (tiles in shared memory and registers); a matrix-vector
 # product (M or N = 1) may also go to dlight's reduction rules. Anything else (Fallback, GeneralReduction: one
 # thread per output or per row) is a schedule gap.
-CONTRACTION_RULES = frozenset({"DepthwiseConv2d", "TensorCoreMatmul", "dlight.gpu.Matmul", "CycleFC", "tuning record"})
+CONTRACTION_RULES = frozenset({"DepthwiseConv2d", "TensorCoreMatmul", "dlight.gpu.Matmul", *CYCLEFC_RULES, "tuning record"})
 VECTOR_RULES = frozenset({"dlight.gpu.GEMV", "dlight.gpu.Reduction"})
 _CALL = re.compile(r"\s*call\s+(\S+)\s")  # a VM call instruction, as Executable.as_text() prints it
 # TVM names a function's device kernels after it: f_kernel, f_kernel_1, ...

@@ -9,6 +9,7 @@ from tvm import relax
 from targets import TargetSpec
 from tvm_schedules.passes.canonicalize_block_names import canonicalize_block_names
 from tvm_schedules.passes.fold_weight_transforms import fold_weight_transforms
+from tvm_schedules.passes.fuse_cycle_token_mixer import fuse_cycle_token_mixer
 from tvm_schedules.passes.keep_float32 import keep_float32
 from tvm_schedules.passes.mark_weight_arguments import mark_weight_arguments
 from tvm_schedules.passes.rewrite_cyclefc import rewrite_cyclefc
@@ -17,9 +18,11 @@ from tvm_schedules.cuda import apply_default_schedules as cuda_default_schedules
 from ..tuning.apply import apply_records
 from ..tvm_targets import to_tvm_target
 
-# Each graph pass: (mod, params, tvm target, compute dtype) -> (mod, params, report). Applied to every model, in
-# order, before ToMixedPrecision: a kernel a pass puts in computes in the dtype it is given (float16 in --fp16).
-GRAPH_PASSES = (rewrite_cyclefc,)
+# Each graph pass: (mod, params, tvm target, compute dtype, keep) -> (mod, params, report). Applied to every model,
+# in order, before ToMixedPrecision: a kernel a pass puts in computes in the dtype it is given (float16 in --fp16);
+# a site with a binding in ``keep`` (kept in float32) is left for keep_float32.
+# The token mixer's pass first: it reads the CycleFC sites it fuses in their export form.
+GRAPH_PASSES = (fuse_cycle_token_mixer, rewrite_cyclefc)
 
 # Default schedules for the fused functions that neither our kernels nor tuning records scheduled, by TVM
 # target kind: (mod, tvm target) -> (mod, report). The llvm pipeline schedules nothing, which left untuned
@@ -59,7 +62,8 @@ def lower(mod: tvm.IRModule, params: dict[str, np.ndarray], target: TargetSpec, 
     reports = {}
     dtype = "float16" if fp16 else "float32"
     for graph_pass in GRAPH_PASSES:
-        mod, params, reports[graph_pass.__name__] = graph_pass(mod, params, to_tvm_target(target), dtype)
+        mod, params, reports[graph_pass.__name__] = graph_pass(mod, params, to_tvm_target(target), dtype,
+                                                               keep_fp32 if fp16 else frozenset())
     if fp16 and keep_fp32:
         mod, reports["keep_float32"] = keep_float32(mod, keep_fp32)
     if fp16:

@@ -136,7 +136,7 @@ def gemm_tiles(m: int, n: int, vec: int, nregs: int, acc_bytes: int = 4, isa: Cp
 
 
 def cpu_tiles(
-    w: int, o: int, lanes: int, nregs: int, acc_bytes: int = 4, convert: bool = False
+    w: int, o: int, lanes: int, nregs: int, acc_bytes: int = 4, convert: bool = False, scaled: bool = False
 ) -> tuple[int, int, int]:
     """Register tile (mr, nv, vec): mr rows (extent ``w``) by nv vectors of vec lanes (extent ``o``).
 
@@ -149,13 +149,15 @@ def cpu_tiles(
       14x1 beat 7x2 and 3x4 by 5-10% at 56x56x64 and 14x14x320 in the CycleFC kernel). With ``convert``
       (float16 inputs, so every input scalar and weight vector is converted to float32 before its FMAs)
       the score is FMAs per converted operand, mr*nv / (mr + nv), instead: 7x2 rather than 14x1.
+    * ``scaled``: each weight vector is multiplied by a loop-invariant vector first (the token mixer's branch
+      weights), which holds nv more registers.
     """
     vec = next(v for v in (lanes >> i for i in range(lanes.bit_length())) if o % v == 0)
     nvec = o // vec
     max_tile = max(1, (MAX_STACK_ALLOCA_BYTES - 1) // (vec * acc_bytes))
     best = None
     for nv in _divisors_desc(nvec, 4):
-        mr_max = min((nregs - 2 - nv) // nv, max_tile // nv, MAX_TILE_ROWS, w)
+        mr_max = min((nregs - 2 - nv * (2 if scaled else 1)) // nv, max_tile // nv, MAX_TILE_ROWS, w)
         if mr_max < 1:
             continue
         mrs = _divisors_desc(w, mr_max, (mr_max + 1) // 2)

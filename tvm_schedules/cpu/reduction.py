@@ -44,12 +44,14 @@ class RowReduction(CPURule):
                     for rf in [self._vector_partials(sch, info.block_rv, target)] if rf is not None]
         last = infos[-1]
         loops = sch.get_loops(last.block_rv)
-        row_loop = sch.fuse(*loops[:rows]) if rows > 1 else loops[0]
-        # Reductions across rows (a mean over strided tokens): the rows are the vector, summed side by side.
-        columns = None if partials else self._column_vector(sch, infos, rows, row_loop, target)
+        # Reductions across rows (a mean over strided tokens): the rows are the vector, summed side by side; the
+        # vector is split off the last row axis alone, so its lanes stay that axis' (not a fused index's).
+        columns = None if partials else self._column_vector(sch, infos, rows, loops[rows - 1], target)
+        row_loops = loops[:rows]
         if columns is not None:
-            row_loop = sch.split(row_loop, [None, columns])[0]
+            row_loops = [*loops[:rows - 1], sch.split(loops[rows - 1], [None, columns])[0]]
             partials = [(info.block_rv, info.block_rv, columns) for info in infos if not info.is_injective()]
+        row_loop = sch.fuse(*row_loops) if len(row_loops) > 1 else row_loops[0]
         work = 1
         for info in infos:
             n = 1
@@ -94,7 +96,7 @@ class RowReduction(CPURule):
         return sch
 
     @staticmethod
-    def _column_vector(sch, infos, rows: int, row_loop, target) -> int | None:
+    def _column_vector(sch, infos, rows: int, last_row_loop, target) -> int | None:
         """The vector width for summing rows side by side, when every reduction reads its rows with a stride and
         the last row axis contiguously (a mean over tokens of [tokens, channels]); else None."""
         lanes, vec = None, None
@@ -114,7 +116,7 @@ class RowReduction(CPURule):
                 if access_stride(ld.indices, shape, last_row) not in (0, 1) or \
                         any(access_stride(ld.indices, shape, r) in (1, None) for r in reduced):
                     return None
-        extent = static_extent(sch, row_loop)
+        extent = static_extent(sch, last_row_loop)
         vec = pow2_divisor(extent, lanes) if lanes and extent else 1
         return vec if vec >= min(4, lanes or 4) and extent // vec >= 2 else None
 

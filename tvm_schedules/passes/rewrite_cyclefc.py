@@ -28,6 +28,7 @@ import tvm
 from tvm import relax
 
 from ..cyclefc import cyclefc_primfunc, schedule_cyclefc
+from .graph_match import Bindings, axes, is_call, shape
 
 _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 _PERMUTE = tvm.ir.Op.get("relax.permute_dims")
@@ -47,18 +48,6 @@ class CycleFCSite:
     kernel_size: tuple[int, int]
 
 
-def _shape(expr: relax.Expr) -> tuple[int, ...]:
-    return tuple(int(d) for d in expr.ty.shape)
-
-
-def _is_call(value, op) -> bool:
-    return isinstance(value, relax.Call) and value.op.same_as(op)
-
-
-def _axes(call: relax.Call) -> list[int] | None:
-    return None if call.attrs.axes is None else [int(a) for a in call.attrs.axes]
-
-
 def is_cyclic_shift_kernel(weight: np.ndarray) -> bool:
     """(C, 1, kh, kw) with one of kh, kw == 1: channel c picks tap (c + k//2) % k, as CycleFC's offsets say."""
     if weight.ndim != 4 or weight.shape[1] != 1 or 1 not in weight.shape[2:]:
@@ -75,26 +64,15 @@ def _plain_conv(call: relax.Call, groups: int, padding: list[int]) -> bool:
             and a.data_layout == "NCHW" and a.kernel_layout == "OIHW" and a.out_layout == "NCHW")
 
 
-def find_cyclefc_sites(func: relax.Function, param_names: set[str]) -> list[CycleFCSite]:
-    bindings = [b for block in func.body.blocks for b in block.bindings]
-    value = {b.var: b.value for b in bindings}
-    users: dict[relax.Var, list[relax.Var]] = {}
-    for b in bindings:
-        for used in relax.analysis.free_vars(b.value):
-            users.setdefault(used, []).append(b.var)
-    for used in relax.analysis.free_vars(func.body.body):
-        users.setdefault(used, []).append(None)  # the function's result
-
-    def only_user(var):
-        found = users.get(var, [])
-        return found[0] if len(found) == 1 and found[0] is not None else None
-
-    def is_param(expr, ndim):
-        return isinstance(expr, relax.Var) and expr.name in param_names and len(_shape(expr)) == ndim
-
+def find_cyclefc_sites(func: relax.Function, param_names: set[str], keep: frozenset[str] = frozenset()
+                       ) -> list[CycleFCSite]:
+    """Every CycleFC of ``main`` none of whose bindings is named in ``keep`` (layers kept in float32: left to the
+    default lowering, where ``keep_float32`` finds them)."""
+    graph = Bindings(func, param_names)
+    value, only_user, is_param = graph.value, graph.only_user, graph.is_param
     sites = []
     for var, shift in value.items():
-        if not (_is_call(shift, _CONV2D) and isinstance(shift.args[1], tvm.ir.Constant)):
+        if not (is_call(shift, _CONV2D) and isinstance(shift.args[1], tvm.ir.Constant)):
             continue
         kernel = shift.args[1].value.numpy()
         channels = kernel.shape[0]
@@ -103,24 +81,25 @@ def find_cyclefc_sites(func: relax.Function, param_names: set[str]) -> list[Cycl
             continue
         proj_var = only_user(var)
         proj = value.get(proj_var)
-        if not (_is_call(proj, _CONV2D) and proj.args[0].same_as(var) and is_param(proj.args[1], 4)
-                and _shape(proj.args[1])[1:] == (channels, 1, 1) and _plain_conv(proj, 1, [0, 0, 0, 0])):
+        if not (is_call(proj, _CONV2D) and proj.args[0].same_as(var) and is_param(proj.args[1], 4)
+                and shape(proj.args[1])[1:] == (channels, 1, 1) and _plain_conv(proj, 1, [0, 0, 0, 0])):
             continue
         root, bias = proj_var, None
         add = value.get(only_user(root))
-        if _is_call(add, _ADD) and add.args[0].same_as(root) and isinstance(add.args[1], relax.Var):
+        if is_call(add, _ADD) and add.args[0].same_as(root) and isinstance(add.args[1], relax.Var):
             reshape = value.get(add.args[1])
-            if _is_call(reshape, _RESHAPE) and is_param(reshape.args[0], 1):
+            if is_call(reshape, _RESHAPE) and is_param(reshape.args[0], 1):
                 root, bias = only_user(root), reshape.args[0]
         back = value.get(only_user(root))
-        out_is_nhwc = _is_call(back, _PERMUTE) and _axes(back) == TO_NHWC
+        out_is_nhwc = is_call(back, _PERMUTE) and axes(back) == TO_NHWC
         if out_is_nhwc:
             root = only_user(root)
         x, x_is_nhwc = shift.args[0], False
         producer = value.get(x)
-        if _is_call(producer, _PERMUTE) and _axes(producer) == TO_NCHW:
+        if is_call(producer, _PERMUTE) and axes(producer) == TO_NCHW:
             x, x_is_nhwc = producer.args[0], True
-        sites.append(CycleFCSite(root, x, x_is_nhwc, out_is_nhwc, proj.args[1], bias, (kh, kw)))
+        if not any(v.name in keep for v in graph.upstream([root], [x])):
+            sites.append(CycleFCSite(root, x, x_is_nhwc, out_is_nhwc, proj.args[1], bias, (kh, kw)))
     return sites
 
 
@@ -149,8 +128,8 @@ class _SiteRewriter(relax.PyExprMutator):
         x = self.visit_expr(site.x)
         if not site.x_is_nhwc:
             x = self.builder_.emit(relax.op.permute_dims(x, TO_NHWC))
-        n, h, w, c = _shape(x)
-        o = _shape(site.weight)[0]
+        n, h, w, c = shape(x)
+        o = shape(site.weight)[0]
         graph_dtype = str(x.ty.dtype)
         dtype = self.dtype or graph_dtype
         if site.weight not in self.transposed:
@@ -166,12 +145,13 @@ class _SiteRewriter(relax.PyExprMutator):
 
 
 def rewrite_cyclefc(mod: tvm.IRModule, params: dict[str, np.ndarray], target: tvm.target.Target,
-                    dtype: str | None = None) -> tuple[tvm.IRModule, dict[str, np.ndarray], dict]:
-    """Rewrite every CycleFC site of ``main`` into kernels computing in ``dtype`` (None: the graph's); return
-    the module, its params in call order, and a report."""
+                    dtype: str | None = None, keep: frozenset[str] = frozenset()
+                    ) -> tuple[tvm.IRModule, dict[str, np.ndarray], dict]:
+    """Rewrite every CycleFC site of ``main`` (but those with a binding in ``keep``) into kernels computing in
+    ``dtype`` (None: the graph's); return the module, its params in call order, and a report."""
     func = mod["main"]
     num_input = int(func.attrs["num_input"])
-    sites = find_cyclefc_sites(func, set(params))
+    sites = find_cyclefc_sites(func, set(params), keep)
     if not sites:
         return mod, params, {"sites": 0}
     rewriter = _SiteRewriter(mod, sites, target, dtype)
@@ -184,7 +164,7 @@ def rewrite_cyclefc(mod: tvm.IRModule, params: dict[str, np.ndarray], target: tv
     new_mod = relax.transform.DeadCodeElimination(["main"])(rewriter.builder_.get())
     new_params = {p.name: params[p.name] for p in weights}
     for weight, t in rewriter.transposed.items():
-        o, c = _shape(weight)[:2]
+        o, c = shape(weight)[:2]
         new_params[t.name] = np.ascontiguousarray(params[weight.name].reshape(o, c).T.astype(str(t.ty.dtype)))
     dtypes = sorted({dtype for (*_, dtype, _out_dtype, _has_bias) in rewriter.kernels})
     return new_mod, new_params, {"sites": len(sites), "kernels": len(rewriter.kernels), "dtype": "+".join(dtypes),
