@@ -8,12 +8,14 @@ import sys
 import numpy as np
 import pytest
 
+import targets
 from conftest import aarch64_linker, emulator_available, linker_available
 from pipeline import paths
 from pipeline.emulation import EmulationError, EmulatorUnavailable, find_emulator, run_library_emulated
 from pipeline.toolchain import cross_link
 from pipeline.toolchain.cross_link import CrossLinkError
 from pipeline.toolchain.elf import EM_AARCH64, machine as elf_machine
+from pipeline.toolchain.fma_loops import analyze_library, find_objdump
 
 SETUP = "scripts/setup_aarch64_runtime.sh"
 NOT_SET_UP = f"aarch64 emulator not set up: run {SETUP} as root (qemu-user, aarch64 Python + TVM runtime, ziglang)"
@@ -142,3 +144,27 @@ def test_emulated_failure_is_reported_with_the_remote_error(aarch64_build):
     wrong = {k: np.zeros((1, *v.shape[1:]), v.dtype) for k, v in inputs.items()}  # batch 1 for a batch-2 build
     with pytest.raises(EmulationError, match="failed"):
         run_library_emulated(lib, params, wrong, output_names)
+
+
+# ---------------------------------------------------------------- --fp16 on the boards with float16 arithmetic
+
+@pytest.mark.parametrize("target", [t.name for t in targets.list_targets()
+                                    if t.runner == "qemu-aarch64" and t.float16_arithmetic])
+def test_fp16_board_build_computes_in_float16_and_verifies_under_qemu(target, tmp_path):
+    """compile --fp16 for rpi5 / jetson-orin-cpu: the library's FMAs are float16 (``fmla v.8h``) and it ran under
+    qemu against PyTorch within the variant's fp16 tolerance (compile_model raises when an output is outside it)."""
+    if not emulator_available() or not linker_available():
+        pytest.skip(NOT_SET_UP)
+    if find_objdump() is None:
+        pytest.skip("llvm-objdump not installed (apt-get install llvm)")
+    import models
+    from pipeline.run import compile_model
+    from pipeline.spec import BuildSpec
+
+    out, manifest = compile_model(BuildSpec(model="test_mixer", target=target, fp16=True), tmp_path / "a")
+    verify = manifest["verify"]
+    assert verify["passed"] and verify["library_verified"] and "qemu-aarch64" in verify["compiled_library"]
+    cfg = models.get_model_cfg("test_mixer")
+    (library,) = [check for check in verify["outputs"] if check["name"].startswith("tvm/")]
+    assert (library["atol"], library["rtol"]) == (cfg.fp16_atol, cfg.fp16_rtol)
+    assert analyze_library(out / "lib.so").fmla_by_arrangement["8h"] > 0

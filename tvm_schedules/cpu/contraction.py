@@ -92,6 +92,15 @@ def _pure_index_dim(load, var: tirx.Var) -> int | None:
     return None
 
 
+def _in_loop_order(dims: list[int], indices, reduce_order) -> list[int]:
+    """``dims`` with those indexed by exactly one of ``reduce_order``'s vars permuted among their own places into
+    that order (the others stay where they are)."""
+    rank = {d: position for d in dims for position, var in enumerate(reduce_order)
+            if isinstance(indices[d], tirx.Var) and indices[d].same_as(var)}
+    ranked = iter(sorted(rank, key=rank.get))
+    return [next(ranked) if d in rank else d for d in dims]
+
+
 def _is_affine_copy(block) -> bool:
     """An injective producer worth inlining into the inner loop: no condition, no div/mod indexing."""
     return not has_if_then_else(block) and not has_div_mod(block.body.value)
@@ -194,9 +203,15 @@ class Contraction(CPURule):
         tile = {v_iv.var: nv * vec if w_iv is None else vec}
         if u_iv is not None:
             tile[u_iv.var] = mr
-        # a broadcast weight read by row vectors (below) keeps its rows contiguous along the last reduction axis
+        # a broadcast operand read by row vectors (below) keeps its rows contiguous along the last reduction axis
+        reordered = []  # the reduction vars in their new loop order, if _rows_read_along_last moved one
+        if isa.row_registers and reduce_:
+            in_order = reduce_
+            reduce_ = self._rows_read_along_last(reduce_, operands, v_iv.var, isa.k_unroll)
+            reordered = [iv.var for iv in reduce_] if reduce_ != in_order else []
         rows_read_along = reduce_[-1].var if isa.row_registers and reduce_ else None
-        self._pack_operands(sch, main, operands, plan, u_iv.var if u_iv is not None else None, tile, rows_read_along)
+        self._pack_operands(sch, main, operands, plan, u_iv.var if u_iv is not None else None, tile, rows_read_along,
+                            reordered)
         v_loop = sch.fuse(loops[w_iv.var], loops[v_iv.var]) if w_iv is not None else loops[v_iv.var]
         logger.debug("Contraction: vector %s%s (%d lanes) x rows %s, tile %dx%d, packed operand %s",
                      v_iv.var.name, f"*{w_iv.var.name}" if w_iv is not None else "", vec,
@@ -285,8 +300,23 @@ class Contraction(CPURule):
         return best_packed[4]
 
     @staticmethod
-    def _pack_operands(sch, main, operands: list[_Operand], plan: _Plan, rows, tile: dict, rows_read_along=None
-                       ) -> None:
+    def _rows_read_along_last(reduce_, operands, v, k_unroll: int):
+        """The reduction iters in loop order, with the one the tile rows are read along (as vectors of ``k_unroll``
+        values, ``_load_rows_as_vectors``) last: the last one when its extent divides by ``k_unroll``, else the
+        first that does and that indexes one dim of every broadcast operand (a strided 3x3 conv: the input channels,
+        not kw = 3, whose rows would be loaded scalar by scalar and spill: 18 stack accesses per loop in
+        cyclemlp_b1's downsampling convs on rpi5)."""
+        def fits(iv):
+            return int(iv.dom.extent) % k_unroll == 0 and all(
+                _pure_index_dim(op.load, iv.var) is not None for op in operands if op.strides[v] == 0)
+        if fits(reduce_[-1]):
+            return reduce_
+        chosen = next((iv for iv in reduce_ if fits(iv)), None)
+        return reduce_ if chosen is None else [iv for iv in reduce_ if iv is not chosen] + [chosen]
+
+    @staticmethod
+    def _pack_operands(sch, main, operands: list[_Operand], plan: _Plan, rows, tile: dict, rows_read_along=None,
+                       reduce_order=()) -> None:
         """Copy operands into the layout the tile reads; ``rows``: the row axis' var (or None), ``tile``:
         iter var -> tile extent along it (the vector axis' tile width, the row axis' rows).
 
@@ -297,8 +327,11 @@ class Contraction(CPURule):
         the row-major layout). Its copy is a layout-rewrite preprocessing block, which
         ``fold_weight_transforms`` moves out of the library and runs once at compile time. Other operands
         that need packing (``plan.pack``) are copied with the vector dim last, once per call. With
-        ``rows_read_along`` (a reduction axis), a broadcast weight is laid out with that axis last instead, since
+        ``rows_read_along`` (a reduction axis), a broadcast operand is laid out with that axis last instead (a
+        weight at compile time; an activation once per call, when the reduction loops were reordered for it), since
         each tile row is read as vectors along it.
+        Given ``reduce_order`` (the reduction loops, reordered), the dims an operand indexes by reduction vars are
+        laid out in that order, so a weight's panel streams.
         """
         weights = _layout_free_buffers(sch.mod["main"])
         for i, op in enumerate(operands):
@@ -309,8 +342,8 @@ class Contraction(CPURule):
             if axis is rows and rows_read_along is not None:
                 axis = None
                 dim = _pure_index_dim(op.load, rows_read_along)
-                if is_weight and op.strides[rows_read_along] != 1 and dim is not None:
-                    layout = (dim, None, True)
+                if op.strides[rows_read_along] != 1 and dim is not None and (is_weight or reduce_order):
+                    layout = (dim, None, is_weight)
             if axis is not None and is_weight:
                 dim = _pure_index_dim(op.load, axis)
                 if dim is not None and tile[axis] > 1 and buffer_shape(op.load.source)[dim] % tile[axis] == 0:
@@ -323,7 +356,7 @@ class Contraction(CPURule):
             block = sch.get(main)
             read_index = next(k for k, r in enumerate(block.reads) if r.source.same_as(op.load.source))
             copy = sch.cache_read(main, read_index, "global")
-            order = [d for d in range(len(op.load.indices)) if d != dim]
+            order = _in_loop_order([d for d in range(len(op.load.indices)) if d != dim], op.load.indices, reduce_order)
             if width is None:
                 sch.transform_layout(main, ("read", read_index), lambda *idx: [*(idx[d] for d in order), idx[dim]])
             else:
