@@ -8,6 +8,7 @@ import tvm
 from tvm import relax, te, topi
 
 import targets
+from pipeline.errors import BuildError
 from pipeline.spec import BuildSpec
 from pipeline.run import compile_model
 from pipeline.stages import optimize as optimize_stage
@@ -141,11 +142,24 @@ def test_a_large_float16_matmul_without_tensor_cores_is_a_gap(m, n, k, rules, te
     kernel = kernels[0]
     assert kernel["contraction"] == {"op": "matmul", "dtype": "float16", "batch": 1, "m": m, "n": n, "k": k}
     assert all(k["tensor_cores"] is tensor_cores for k in kernels)
+    # the tensorizing schedule's tiles are dynamic shared memory, more than the 48 KiB a block has without opting in
+    assert all((k["dynamic_shared_bytes"] > 48 * 1024) is tensor_cores for k in kernels)
     if tensor_cores:
         assert any(op.startswith("HMMA") for op in kernel["tensor_core_ops"]) and report["schedule_gaps"] == []
         assert kernel["rule"] == ("TensorCoreMatmul" if rules is None else "dlight.gpu.Matmul")
     else:
         assert any("without tensor cores" in gap for gap in report["schedule_gaps"])
+
+
+def test_a_kernel_over_the_opt_in_shared_memory_limit_fails_the_build(tmp_path):
+    # sm_75 (Turing) has wmma but lets a block opt into 64 KiB of shared memory only: the tensor-core tiles would
+    # fail at launch ("Failed to set the allowed dynamic shared memory size"), so the build refuses them.
+    target = targets.get_target("cuda").with_cuda_arch("sm_75")
+    mod, _ = apply_default_schedules(lower_to_fused_tir(matmul_module(*FLOAT16_MATMULS[0], "float16")),
+                                     tvm.target.Target(target.tvm_target))
+    with pytest.raises(BuildError, match=r"fused_matmul_gelu_kernel: shared_bytes \d+ \+ dynamic_shared_bytes \d+ "
+                                         r"> 65536 \(sm_75's opt-in limit per block\)"):
+        build(mod, target, tmp_path / "lib.so")
 
 
 def test_float16_cyclefc_runs_on_tensor_cores(tmp_path):
