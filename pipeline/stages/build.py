@@ -16,7 +16,7 @@ import tvm
 from tvm import relax, tirx
 
 from targets import CudaSpec, TargetSpec
-from tvm_schedules.cuda.tensor_core_matmul import MIN_EXTENT as TENSOR_CORE_MIN_EXTENT, has_tensor_cores
+from tvm_schedules.cuda.tensor_core_matmul import has_tensor_cores, large_enough
 from tvm_schedules.scheduled import scheduled_by
 from tvm_schedules.passes.small_buffers_on_stack import TIR_PIPELINE
 from ..errors import BuildError
@@ -62,8 +62,8 @@ _KERNEL_SUFFIX = re.compile(r"_kernel(_\d+)?$")
 
 
 def schedule_gaps(kernels: list[dict], cuda: CudaSpec) -> list[str]:
-    """Kernels of convs and matmuls left to a generic rule, and float16 ones with M, N, K >= 64 (what our
-    TensorCoreMatmul takes) without tensor-core instructions."""
+    """Kernels of convs and matmuls left to a generic rule, and float16 ones large enough for tensor cores (what
+    our TensorCoreMatmul takes: tensor_core_matmul.large_enough) without tensor-core instructions."""
     gaps = []
     for k in kernels:
         shape = k.get("contraction")
@@ -72,8 +72,8 @@ def schedule_gaps(kernels: list[dict], cuda: CudaSpec) -> list[str]:
         vector = min(shape["m"], shape["n"]) == 1 and shape["op"] == "matmul"
         if k["rule"] not in CONTRACTION_RULES and not (vector and k["rule"] in VECTOR_RULES):
             gaps.append(f"{k['name']}: {shape['op']} scheduled by {k['rule']}")
-        large = min(shape["m"], shape["n"], shape["k"]) >= TENSOR_CORE_MIN_EXTENT
-        if shape["dtype"] == "float16" and large and has_tensor_cores(cuda.arch) and k.get("tensor_cores") is False:
+        wants_tensor_cores = shape["dtype"] == "float16" and large_enough(shape) and has_tensor_cores(cuda.arch)
+        if wants_tensor_cores and k.get("tensor_cores") is False:
             gaps.append(f"{k['name']}: float16 {shape['op']} {shape['m']}x{shape['n']}x{shape['k']} without tensor cores")
     return gaps
 
