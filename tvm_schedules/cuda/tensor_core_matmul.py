@@ -8,7 +8,8 @@ CUDA cores. The tensorizing schedule it calls, ``MatmulTensorization`` (wmma 16x
 accumulators where the contraction accumulates in float32), pads I and J to its 128 x 128 block tile and K to
 64 in shared memory, so it takes any extent. The padding is symmetric in M and N: a tile with M (or N) rows
 real does M/128 of its MMA work usefully, so tensor cores win while their float16 MMA rate is more than 128/M
-times the CUDA cores' FMA rate. For N and K the minimum stays 64 (at most half padding, as it was). M, the
+times the CUDA cores' FMA rate. For N and K the minimum stays 64 (at most half padding, as it was; N could go
+lower by the same argument, but no zoo contraction has an N from 32 to 63, so that is left untried). M, the
 pixel / token side, goes down to 32: at least a quarter of the work is real, which needs a rate ratio above 4;
 the datasheet ratios of dense float16 tensor-core to float32 CUDA-core throughput are about 8 on Volta (V100:
 125 vs 15.7 TFLOPS) and more on Ampere / Hopper (not measured here: no GPU). M = 16 would need 8, no margin:
