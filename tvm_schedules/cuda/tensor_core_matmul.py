@@ -9,12 +9,12 @@ accumulators where the contraction accumulates in float32), pads I and J to its 
 64 in shared memory, so it takes any extent. The padding is symmetric in M and N: a tile with M (or N) rows
 real does M/128 of its MMA work usefully, so tensor cores win while their float16 MMA rate is more than 128/M
 times the CUDA cores' FMA rate. For N and K the minimum stays 64 (at most half padding, as it was; N could go
-lower by the same argument, untried: cyclemlp_b1 and mixer_s16_224 have N from 32 to 63 only with M = 1). M, the pixel /
-token side, goes down to 32: at least a quarter of the work is real, which needs a rate ratio above 4; the
-datasheet ratios of dense float16 tensor-core to float32 CUDA-core throughput are about 8 on V100 (125 vs 15.7
-TFLOPS) and 16 on A100 (312 vs 19.5); not measured here (no GPU), and not known here for Orin's sm_87. M = 16
-would need 8, no margin: left to ``gpu.Matmul``. cyclemlp_b1's extents below 64 are M = 49 (7x7 pixels, stage 4;
-N and K 512 to 2880) and M = 1 (matrix-vector products).
+lower by the same argument, untried: cyclemlp_b1 and mixer_s16_224 have N from 32 to 63 only with M = 1).
+M, the pixel / token side, goes down to 32: at least a quarter of the work is real, which needs a rate ratio above
+4; the datasheet ratios of dense float16 tensor-core to float32 CUDA-core throughput are about 8 on V100 (125 vs
+15.7 TFLOPS) and 16 on A100 (312 vs 19.5); not measured here (no GPU), and not known here for Orin's sm_87. M = 16
+would need 8, no margin: left to ``gpu.Matmul``. cyclemlp_b1's extents below 64 are M = 49 (7x7 pixels, stage 4; N
+and K 512 to 2880) and M = 1 (matrix-vector products).
 """
 from __future__ import annotations
 
