@@ -6,8 +6,8 @@ launch, as the last launch value of its ``tirx.call_ffi_kernel`` call (launch ta
 a constant where shapes are static. With an LLVM host (every target of ours) that call becomes a packed call into
 TVM's CUDA module, whose launcher (``CUDAWrappedFunc``, src/backend/cuda/runtime/cuda_module.cc) raises the
 kernel's ``CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`` to that size when it is 48 KiB or more: a kernel may
-use up to its GPU's opt-in per-block limit (static + dynamic, ``targets.CudaSpec.max_shared_bytes_optin``), and one
-above it fails at launch ("Failed to set the allowed dynamic shared memory size").
+use up to its GPU's opt-in per-block limit (static + dynamic, ``targets.CudaSpec.max_shared_bytes_optin``), and
+one above it fails at launch ("Failed to set the allowed dynamic shared memory size").
 """
 from __future__ import annotations
 
