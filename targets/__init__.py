@@ -11,6 +11,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+# The most shared memory (static + dynamic) one thread block may use, by arch: the CUDA C++ Programming Guide's
+# "Technical Specifications per Compute Capability", "Maximum amount of shared memory per thread block"; above
+# 48 KiB only as dynamic shared memory the kernel opts into (cuFuncSetAttribute, which TVM's CUDA runtime calls:
+# pipeline/toolchain/dynamic_shared.py). Before Volta there is no opt-in: 48 KiB.
+KIB = 1024
+SHARED_BYTES_OPTIN = {**{f"sm_{cc}": 48 * KIB for cc in (35, 37, 50, 52, 53, 60, 61, 62)},
+                      "sm_70": 96 * KIB, "sm_72": 96 * KIB, "sm_75": 64 * KIB, "sm_80": 163 * KIB, "sm_86": 99 * KIB,
+                      "sm_87": 163 * KIB, "sm_89": 99 * KIB, "sm_90": 227 * KIB}
+
+
 @dataclass(frozen=True)
 class CudaSpec:
     arch: str  # e.g. "sm_87"
@@ -20,11 +30,16 @@ class CudaSpec:
     jetpack: str | None = None  # the Jetson software release that brings that driver, where the target is a Jetson
     # Per-block limits every compiled kernel is checked against.
     max_threads_per_block: int = 1024
-    max_shared_bytes: int = 48 * 1024
+    max_shared_bytes: int = 48 * KIB  # static (.nv.shared); what TVM's schedules are told they may allocate
     max_registers_per_thread: int = 255
     # Capture the inference in CUDA graphs (RewriteCUDAGraph, PassContext relax.backend.use_cuda_graph): with
     # static shapes the VM replays one graph per captured region instead of launching every kernel itself.
     cuda_graph: bool = True
+
+    @property
+    def max_shared_bytes_optin(self) -> int:
+        """Static + dynamic shared bytes a block of this arch may use (its kernels opting in above 48 KiB)."""
+        return SHARED_BYTES_OPTIN[self.arch]
 
     def tvm_target(self) -> dict:
         """A TVM CUDA target for this GPU, its limits the ones every kernel is checked against."""

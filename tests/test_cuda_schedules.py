@@ -10,6 +10,7 @@ from tvm import relax, te, topi
 import models
 from models.cyclemlp import CycleMLP
 import targets
+from pipeline.errors import BuildError
 from pipeline.spec import BuildSpec
 from pipeline.run import compile_model
 from pipeline.stages import optimize as optimize_stage
@@ -129,29 +130,71 @@ def matmul_module(m, n, k, dtype):
     return bb.get()
 
 
+def scheduled_matmul(m, n, k, arch, dtype="float16", rules=None):
+    """The matmul module with our default CUDA schedules (or ``rules``), and the cuda target for ``arch``."""
+    target = targets.get_target("cuda").with_cuda_arch(arch)
+    mod, _ = apply_default_schedules(lower_to_fused_tir(matmul_module(m, n, k, dtype)),
+                                     tvm.target.Target(target.tvm_target), rules)
+    return mod, target
+
+
 # (M, N, K): a Mixer-size matmul, and CycleMLP stage 1's 64-wide ones (channel MLP fc2 and its CycleFC-sized
 # projection), which dlight's Matmul leaves on CUDA cores (it tensorizes only above 64)
 FLOAT16_MATMULS = [(196, 768, 384), (3136, 64, 256), (3136, 64, 64)]
+STAGE4_MATMUL = (49, 512, 512)  # CycleMLP stage 4's channel MLP: 7x7 = 49 pixels, 512 channels
 
 
 @pytest.mark.parametrize("m,n,k,rules,tensor_cores",
                          [(*mnk, None, True) for mnk in FLOAT16_MATMULS]  # our defaults
                          + [(*FLOAT16_MATMULS[0], DLIGHT_DEFAULTS, True), (*FLOAT16_MATMULS[2], DLIGHT_DEFAULTS, False),
+                            (*STAGE4_MATMUL, DLIGHT_DEFAULTS, False),
                             (*FLOAT16_MATMULS[0], [dl.gpu.Fallback()], False)])
 def test_a_large_float16_matmul_without_tensor_cores_is_a_gap(m, n, k, rules, tensor_cores, tmp_path):
-    target = targets.get_target("cuda").with_cuda_arch("sm_90")
-    mod, _ = apply_default_schedules(lower_to_fused_tir(matmul_module(m, n, k, "float16")),
-                                     tvm.target.Target(target.tvm_target), rules)
+    mod, target = scheduled_matmul(m, n, k, "sm_90", rules=rules)
     report = build(mod, target, tmp_path / "lib.so")["cuda"]
     kernels = [k for k in report["kernels"] if k["contraction"]]  # dlight's Fallback makes one kernel per block
     kernel = kernels[0]
     assert kernel["contraction"] == {"op": "matmul", "dtype": "float16", "batch": 1, "m": m, "n": n, "k": k}
     assert all(k["tensor_cores"] is tensor_cores for k in kernels)
+    # the tensorizing schedule's tiles are dynamic shared memory, more than the 48 KiB a block has without opting in
+    assert all((k["dynamic_shared_bytes"] > 48 * 1024) is tensor_cores for k in kernels)
     if tensor_cores:
         assert any(op.startswith("HMMA") for op in kernel["tensor_core_ops"]) and report["schedule_gaps"] == []
         assert kernel["rule"] == ("TensorCoreMatmul" if rules is None else "dlight.gpu.Matmul")
     else:
         assert any("without tensor cores" in gap for gap in report["schedule_gaps"])
+
+
+@pytest.mark.parametrize("arch", ["sm_72", "sm_87", "sm_90"])
+def test_a_49_row_float16_matmul_runs_on_tensor_cores_within_every_limit(arch, tmp_path):
+    # M below 64, padded to the 128-row tile: its dynamic shared memory within sm_72's 96 KiB opt-in limit too
+    mod, target = scheduled_matmul(*STAGE4_MATMUL, arch)
+    report = build(mod, target, tmp_path / "lib.so")["cuda"]
+    [kernel] = report["kernels"]
+    assert kernel["rule"] == "TensorCoreMatmul" and kernel_limit_violations(report["kernels"], target.cuda) == []
+    assert report["schedule_gaps"] == []
+    # CUDA 13's nvdisasm (the pinned SASS reader) no longer reads sm_72 code: there the build says so
+    if arch == "sm_72":
+        assert kernel["tensor_cores"] is None and "SM72" in report["per_inference"]["sass"]
+    else:
+        assert any(op.startswith("HMMA") for op in kernel["tensor_core_ops"])
+
+
+def test_a_16_row_float16_matmul_stays_on_cuda_cores_and_is_no_gap(tmp_path):
+    mod, target = scheduled_matmul(16, 512, 512, "sm_90")
+    report = build(mod, target, tmp_path / "lib.so")["cuda"]
+    [kernel] = report["kernels"]
+    assert kernel["rule"] == "dlight.gpu.Matmul" and kernel["tensor_cores"] is False
+    assert report["schedule_gaps"] == []
+
+
+def test_a_kernel_over_the_opt_in_shared_memory_limit_fails_the_build(tmp_path):
+    # sm_75 (Turing) has wmma but lets a block opt into 64 KiB of shared memory only: the tensor-core tiles would
+    # fail at launch ("Failed to set the allowed dynamic shared memory size"), so the build refuses them.
+    mod, target = scheduled_matmul(*FLOAT16_MATMULS[0], "sm_75")
+    with pytest.raises(BuildError, match=r"fused_matmul_gelu_kernel: shared_bytes \d+ \+ dynamic_shared_bytes \d+ "
+                                         r"> 65536 \(sm_75's opt-in limit per block\)"):
+        build(mod, target, tmp_path / "lib.so")
 
 
 def test_float16_cyclefc_runs_on_tensor_cores(tmp_path):
@@ -173,9 +216,7 @@ def test_float16_cyclefc_runs_on_tensor_cores(tmp_path):
 
 
 def test_float32_matmul_reads_as_no_tensor_cores(tmp_path):
-    target = targets.get_target("cuda")
-    mod, _ = apply_default_schedules(lower_to_fused_tir(matmul_module(196, 768, 384, "float32")),
-                                     tvm.target.Target(target.tvm_target))
+    mod, target = scheduled_matmul(196, 768, 384, targets.get_target("cuda").cuda.arch, dtype="float32")
     report = build(mod, target, tmp_path / "lib.so")["cuda"]
     assert all(k["tensor_cores"] is False for k in report["kernels"]) and report["schedule_gaps"] == []
 

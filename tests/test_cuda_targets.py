@@ -47,6 +47,17 @@ def test_a_kernel_over_the_limits_is_refused(compiled, tmp_path):
         build(mod, tight, tmp_path / "lib.so")
 
 
+def test_dynamic_shared_memory_counts_against_the_opt_in_limit_and_must_be_known():
+    # a kernel's static and dynamic shared memory together, on the arch's opt-in limit (sm_72: 96 KiB)
+    spec = targets.get_target("jetson-agx-xavier").cuda
+    kernel = {"name": "k", "registers": 32, "shared_bytes": 1024, "local_bytes": 0, "max_threads": 256}
+    assert kernel_limit_violations([{**kernel, "dynamic_shared_bytes": 96 * 1024 - 1024}], spec) == []
+    assert kernel_limit_violations([{**kernel, "dynamic_shared_bytes": 96 * 1024 - 1023}], spec) == [
+        "k: shared_bytes 1024 + dynamic_shared_bytes 97281 > 98304 (sm_72's opt-in limit per block)"]
+    assert kernel_limit_violations([{**kernel, "dynamic_shared_bytes": None}], spec) == [
+        "k: dynamic shared memory is not a constant, cannot be checked"]
+
+
 def test_fp16_records_its_tolerance(tmp_path):
     out, manifest = compile_model(BuildSpec(model="test_cyclemlp", target="x86", fp16=True), tmp_path / "a")
     [tvm_check] = [c for c in manifest["verify"]["outputs"] if c["name"].startswith("tvm/")]

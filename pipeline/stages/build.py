@@ -17,10 +17,11 @@ from tvm import relax, tirx
 
 from targets import CudaSpec, TargetSpec
 from tvm_schedules.cyclefc import RULES as CYCLEFC_RULES
-from tvm_schedules.cuda.tensor_core_matmul import MIN_EXTENT as TENSOR_CORE_MIN_EXTENT, has_tensor_cores
+from tvm_schedules.cuda.tensor_core_matmul import has_tensor_cores, large_enough
 from tvm_schedules.scheduled import scheduled_by
 from tvm_schedules.passes.small_buffers_on_stack import TIR_PIPELINE
 from ..errors import BuildError
+from ..toolchain import dynamic_shared
 from ..toolchain.cross_link import cross_linker
 from ..toolchain.cuda_aot import CudaToolchainError, aot_cuda
 from ..toolchain.native_runner import python_only_builtins
@@ -29,10 +30,26 @@ from ..tvm_targets import to_tvm_target
 
 
 def kernel_limit_violations(kernels: list[dict], cuda: CudaSpec) -> list[str]:
+    """Each limit a kernel exceeds: its registers, static shared memory, threads, local memory, and its static +
+    dynamic shared memory (``dynamic_shared_bytes``, a kernel without it has none) against the arch's opt-in limit."""
     limits = (("registers", cuda.max_registers_per_thread), ("shared_bytes", cuda.max_shared_bytes),
               ("max_threads", cuda.max_threads_per_block), ("local_bytes", 0))
-    return [f"{k['name']}: {what} {k[what]} > {limit}"
-            for k in kernels for what, limit in limits if k[what] is not None and k[what] > limit]
+    violations = [f"{k['name']}: {what} {k[what]} > {limit}"
+                  for k in kernels for what, limit in limits if k[what] is not None and k[what] > limit]
+    for k in kernels:
+        dynamic = k.get("dynamic_shared_bytes", 0)
+        if dynamic is None:
+            violations.append(f"{k['name']}: dynamic shared memory is not a constant, cannot be checked")
+        elif k["shared_bytes"] + dynamic > cuda.max_shared_bytes_optin:
+            violations.append(f"{k['name']}: shared_bytes {k['shared_bytes']} + dynamic_shared_bytes {dynamic} > "
+                              f"{cuda.max_shared_bytes_optin} ({cuda.arch}'s opt-in limit per block)")
+    return violations
+
+
+def with_dynamic_shared_bytes(kernels: list[dict], dynamic: dict[str, int | None]) -> list[dict]:
+    """Each kernel's resources with the dynamic shared bytes it is launched with beside its static ones."""
+    return [{**{key: value for key, value in k.items() if key != "local_bytes"},
+             "dynamic_shared_bytes": dynamic.get(k["name"], 0), "local_bytes": k["local_bytes"]} for k in kernels]
 
 
 # Rules that schedule a conv or matmul as a contraction (tiles in shared memory and registers); a matrix-vector
@@ -46,8 +63,8 @@ _KERNEL_SUFFIX = re.compile(r"_kernel(_\d+)?$")
 
 
 def schedule_gaps(kernels: list[dict], cuda: CudaSpec) -> list[str]:
-    """Kernels of convs and matmuls left to a generic rule, and float16 ones with M, N, K >= 64 (what our
-    TensorCoreMatmul takes) without tensor-core instructions."""
+    """Kernels of convs and matmuls left to a generic rule, and float16 ones large enough for tensor cores (what
+    our TensorCoreMatmul takes: tensor_core_matmul.large_enough) without tensor-core instructions."""
     gaps = []
     for k in kernels:
         shape = k.get("contraction")
@@ -56,8 +73,8 @@ def schedule_gaps(kernels: list[dict], cuda: CudaSpec) -> list[str]:
         vector = min(shape["m"], shape["n"]) == 1 and shape["op"] == "matmul"
         if k["rule"] not in CONTRACTION_RULES and not (vector and k["rule"] in VECTOR_RULES):
             gaps.append(f"{k['name']}: {shape['op']} scheduled by {k['rule']}")
-        large = min(shape["m"], shape["n"], shape["k"]) >= TENSOR_CORE_MIN_EXTENT
-        if shape["dtype"] == "float16" and large and has_tensor_cores(cuda.arch) and k.get("tensor_cores") is False:
+        wants_tensor_cores = shape["dtype"] == "float16" and large_enough(shape) and has_tensor_cores(cuda.arch)
+        if wants_tensor_cores and k.get("tensor_cores") is False:
             gaps.append(f"{k['name']}: float16 {shape['op']} {shape['m']}x{shape['n']}x{shape['k']} without tensor cores")
     return gaps
 
@@ -101,12 +118,12 @@ def build(mod: tvm.IRModule, target: TargetSpec, path: Path) -> dict:
     linker = cross_linker(target.cross_triple) if target.cross_triple else None  # fails fast when none is installed
     device_code = aot_cuda(target.cuda.arch, target.cuda.toolchain) if target.cuda else contextlib.nullcontext()
     try:
-        with device_code as cuda_session:
+        with device_code as cuda_session, dynamic_shared.recording(TIR_PIPELINE) as (tir_pipeline, dynamic_bytes):
             # The target's default pipeline fuses operators (and schedules GPU kernels with dlight);
             # tvm.compile's CPU default does not fuse.
             with tvm.transform.PassContext(config=pass_config(target)):
                 executable = tvm.compile(mod, tvm_target, relax_pipeline=relax.get_default_pipeline(tvm_target),
-                                             tir_pipeline=TIR_PIPELINE)
+                                         tir_pipeline=tir_pipeline)
         executable.export_library(str(path), fcompile=linker)
     except CudaToolchainError as e:
         raise BuildError(f"{target.name}: {e}") from None
@@ -116,7 +133,8 @@ def build(mod: tvm.IRModule, target: TargetSpec, path: Path) -> dict:
               # builtins only TVM's Python has: none, or the bundle's native runner cannot run the library
               "python_only_builtins": python_only_builtins(path)}
     if cuda_session is not None:
-        kernels = [k for out in cuda_session.outputs for k in out.kernel_resources()]
+        kernels = with_dynamic_shared_bytes([k for out in cuda_session.outputs for k in out.kernel_resources()],
+                                            dynamic_bytes)
         violations = kernel_limit_violations(kernels, target.cuda)
         if violations:
             raise BuildError(f"{len(violations)} CUDA kernel(s) exceed {target.name}'s limits: " + "; ".join(violations[:5]))
@@ -127,6 +145,7 @@ def build(mod: tvm.IRModule, target: TargetSpec, path: Path) -> dict:
             "min_driver": cuda_session.toolchain.min_driver, "jetpack": target.cuda.jetpack,
             "limits": {"max_threads_per_block": target.cuda.max_threads_per_block,
                        "max_shared_bytes": target.cuda.max_shared_bytes,
+                       "max_shared_bytes_optin": target.cuda.max_shared_bytes_optin,
                        "max_registers_per_thread": target.cuda.max_registers_per_thread},
             "kernels": kernels,
             "per_inference": {**per_inference, "cuda_graph": target.cuda.cuda_graph},

@@ -5,8 +5,8 @@ Fallback)``, which has no convolution rule. The optimize stage applies this list
 own pass then finds everything scheduled):
 
 * :class:`DepthwiseConv2d` (``depthwise_conv.py``): depthwise k x k convs (ConvMixer), shared-memory window;
-* :class:`TensorCoreMatmul` (``tensor_core_matmul.py``): every float16 conv or matmul with M, N, K >= 64 on
-  tensor cores (dlight's tensorizing schedule, which ``gpu.Matmul`` calls only when all three are above 64);
+* :class:`TensorCoreMatmul` (``tensor_core_matmul.py``): every float16 conv or matmul with N, K >= 64 and M >= 32
+  on tensor cores (dlight's tensorizing schedule, which ``gpu.Matmul`` calls only when all three are above 64);
 * dlight's ``gpu.Matmul`` takes the other strided and patch-embedding convs (its reindexed operands are the
   im2col tile in shared memory, never materialized in global memory) and every other matmul with M, N > 1;
 * then dlight's GEMV / Reduction / GeneralReduction / Fallback for the rest (matrix-vector products,
