@@ -33,7 +33,7 @@ def test_kernels_fit_the_target(compiled, model, target):
     _, manifest = compiled(model, target)
     check_kernels(manifest, targets.get_target(target))
     if model.startswith("cyclemlp"):
-        assert any(k["name"].startswith("cycle_token_mixer") for k in manifest["target"]["build"]["cuda"]["kernels"])
+        assert any(k["name"].startswith("cyclefc") for k in manifest["target"]["build"]["cuda"]["kernels"])
 
 
 def test_a_kernel_over_the_limits_is_refused(compiled, tmp_path):
@@ -63,8 +63,9 @@ def test_fp16_records_its_tolerance(tmp_path):
     [tvm_check] = [c for c in manifest["verify"]["outputs"] if c["name"].startswith("tvm/")]
     assert tvm_check["atol"] == 1e-2 and tvm_check["passed"] and tvm_check["max_abs"] > 1e-6  # really float16
     assert manifest["passes"]["precision"].startswith("float16")
-    # our token-mixer kernel (the CycleFCs in it) computes in float16 too
-    assert manifest["passes"]["fuse_cycle_token_mixer"]["dtype"] == "float16"
+    # our kernels compute in float16 too: the token mixer's and the CycleFC's (the last stage's, not fused)
+    assert manifest["passes"]["fuse_cycle_token_mixer"]["dtype"] == manifest["passes"]["rewrite_cyclefc"]["dtype"] \
+        == "float16"
     _, cuda_manifest = compile_model(BuildSpec(model="test_mixer", target="cuda", cuda_arch="sm_75", fp16=True),
                                      tmp_path / "b")
     assert cuda_manifest["target"]["build"]["cuda"]["arch"] == "sm_75"

@@ -5,7 +5,6 @@ import pytest
 import torch
 import torch.nn as nn
 
-import models
 from models.cyclemlp import CycleMLP
 from pipeline.run import compile_model
 from pipeline.runtime import run_library
@@ -61,8 +60,8 @@ def run(mod, params, inputs, tmp_path):
     return run_library(tmp_path / "lib.so", "cpu", params, inputs, OUTPUT_NAMES)
 
 
-@pytest.mark.parametrize("dim,hw,batch,qkv_bias", [(9, (5, 7), 2, False), (16, (6, 3), 1, True), (20, (1, 4), 1, False)],
-                         ids=["9ch-5x7-b2", "16ch-6x3-qkv_bias", "20ch-1x4"])
+@pytest.mark.parametrize("dim,hw,batch,qkv_bias", [(9, (5, 7), 2, False), (16, (6, 3), 1, True), (8, (1, 9), 1, False)],
+                         ids=["9ch-5x7-b2", "16ch-6x3-qkv_bias", "8ch-1x9"])
 def test_mixer_is_one_kernel_and_exact(tmp_path, dim, hw, batch, qkv_bias):
     mod, params, report, inputs, reference = rewrite(mixer(dim, qkv_bias), (batch, *hw, dim), tmp_path)
     assert report["sites"] == 1 and report["branches"] == [3]
@@ -115,11 +114,31 @@ def test_read_mask_matches_the_shift():
 def test_a_layer_kept_in_float32_keeps_its_mixer_unfused(tmp_path):
     """--keep-fp32 on a CycleFC inside a mixer: that mixer is left to the default lowering, which keeps the layer in
     float32 (our float16 kernel would not), and its CycleFC to TVM's conv; the other mixers are fused."""
-    spec = BuildSpec(model="test_cyclemlp", target="x86", fp16=True, keep_fp32=("network.2.0.attn.sfc_h",))
-    _, manifest = compile_model(spec, tmp_path / "kept")
-    passes = manifest["passes"]
-    mixers = sum(isinstance(m, CycleMLP) for m in models.create_model("test_cyclemlp").modules())
-    assert passes["fuse_cycle_token_mixer"]["sites"] == mixers - 1
-    assert passes["rewrite_cyclefc"]["sites"] == 1  # the other CycleFC of the unfused mixer, in float16
-    assert passes["keep_float32"]["legalized_bindings"] >= 2  # the kept CycleFC's shift and projection convs
-    assert manifest["verify"]["passed"]
+    spec = BuildSpec(model="test_cyclemlp", target="x86", fp16=True)
+    _, plain = compile_model(spec, tmp_path / "plain")
+    _, kept = compile_model(BuildSpec(**{**spec.__dict__, "keep_fp32": ("network.2.0.attn.sfc_h",)}), tmp_path / "kept")
+    def sites(manifest):  # (fused mixers, CycleFCs to our CycleFC kernel)
+        return manifest["passes"]["fuse_cycle_token_mixer"]["sites"], manifest["passes"]["rewrite_cyclefc"]["sites"]
+
+    (fused, cyclefcs), kept_sites = sites(plain), sites(kept)
+    # one mixer fewer; the other CycleFC of that mixer to our float16 CycleFC kernel, the kept one to TVM's conv
+    assert fused >= 2 and kept_sites == (fused - 1, cyclefcs + 1)
+    assert kept["passes"]["keep_float32"]["legalized_bindings"] >= 2  # the kept CycleFC's shift and projection
+    assert kept["verify"]["passed"]
+
+
+def imported(module, shape, tmp_path):
+    inputs = {"input": np.random.default_rng(1).standard_normal(shape, dtype=np.float32)}
+    export_onnx(module, inputs, OUTPUT_NAMES, 17, tmp_path / "m.onnx")
+    simplify_onnx(tmp_path / "m.onnx", tmp_path / "s.onnx")
+    return import_onnx(tmp_path / "s.onnx", {"input": shape})
+
+
+@pytest.mark.parametrize("target,shape,sites", [("x86", (1, 8, 8, 64), 1), ("jetson-orin-nano", (1, 8, 8, 64), 0),
+                                                ("x86", (1, 7, 7, 64), 0)],
+                         ids=["x86", "cuda-launches", "x86-small-image"])
+def test_where_the_mixer_is_fused(tmp_path, target, shape, sites):
+    """Not on CUDA (TARGET_KINDS: it would launch more kernels there), nor on an image of fewer pixels than
+    channels (MIN_PIXELS_PER_CHANNEL: 49 < 64); 64 pixels of 64 channels are fused on x86."""
+    mod, params = imported(mixer(64), shape, tmp_path)
+    assert fuse_cycle_token_mixer(mod, params, to_tvm_target(get_target(target)))[2]["sites"] == sites

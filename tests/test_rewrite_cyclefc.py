@@ -95,7 +95,7 @@ def test_the_cyclic_shift_kernel_is_recognised():
 
 
 def test_every_cyclefc_of_a_cyclemlp_is_rewritten(compiled):
-    """Each token mixer is fused whole (its two CycleFCs in it); no CycleFC is left to TVM's conv lowering."""
+    """A CycleFC is in a fused token mixer or our CycleFC kernel; none is left to TVM's conv lowering."""
     import models
 
     _, manifest = compiled("test_cyclemlp")
@@ -103,5 +103,6 @@ def test_every_cyclefc_of_a_cyclemlp_is_rewritten(compiled):
     count = sum(isinstance(m, CycleFC) for m in modules)
     mixers = sum(isinstance(m, CycleMLP) for m in modules)
     passes = manifest["passes"]
-    assert mixers > 0 and passes["fuse_cycle_token_mixer"]["sites"] == mixers
-    assert passes["rewrite_cyclefc"]["sites"] + 2 * mixers == count
+    fused = passes["fuse_cycle_token_mixer"]["sites"]
+    assert 0 < fused < mixers  # test_cyclemlp's last stage, 4x4 pixels of 28 channels, is too small to fuse
+    assert passes["rewrite_cyclefc"]["sites"] + 2 * fused == count

@@ -16,7 +16,8 @@ straight from x, the softmax weights riding on the weight loads, the scaled bias
 
 Runs before ``rewrite_cyclefc`` (it finds the CycleFC sites in their export form); a mixer whose branches or
 means are used elsewhere (a probe output of ``diagnose``, say), or that differs in any other way, is left to
-the CycleFC rewrite and the default lowering. ``dtype`` float16 (``--fp16``): the kernel reads x and the weights
+the CycleFC rewrite and the default lowering, and so is one on a small image (``MIN_PIXELS_PER_CHANNEL``) or
+for a target kind it does not pay on (``TARGET_KINDS``). ``dtype`` float16 (``--fp16``): the kernel reads x and the weights
 in float16 and accumulates in float32; the branch weights, biases and output stay in the graph's dtype.
 """
 from __future__ import annotations
@@ -38,6 +39,16 @@ _PERMUTE = tvm.ir.Op.get("relax.permute_dims")
 _RESHAPE = tvm.ir.Op.get("relax.reshape")
 _MEAN = tvm.ir.Op.get("relax.mean")
 UNSHIFTED = (1, 1)
+# Fused only where the image has at least this many pixels per channel. What fusing saves is the branches'
+# outputs written and read back (pixels x channels each); what it costs is the kernel's weaker GEMM: one
+# accumulator over J*C, every weight vector multiplied by its branch weight, against the default matmul
+# schedule's packed panels for mlp_c. cyclemlp_b1 on a 2-core AMD EPYC (Zen 5), each kernel timed alone, quiet,
+# fused / unfused per mixer: 56x56x64 0.95, 28x28x128 0.93, 14x14x320 1.27, 7x7x512 1.44.
+MIN_PIXELS_PER_CHANNEL = 1
+# The TVM target kinds it runs for. Not CUDA: there each fused mixer is launches more, not fewer (its squeeze reads
+# x's pixel sums through some eight small reductions, where the unfused mixer launches its three GEMMs and three
+# elementwise kernels): cyclemlp_b1's inference went from 181 to 197 launches, in a build bound by launches.
+TARGET_KINDS = frozenset({"llvm"})
 
 
 @dataclass(frozen=True)
@@ -153,10 +164,12 @@ def _site(graph: Bindings, branches: dict, mix: relax.Var, scaled: list) -> Mixe
     if len(vars_) < 2 or len(set(vars_)) != len(vars_):
         return None
     x = branches[vars_[0]][0]
-    n, h, w, _ = shape(x)
+    n, h, w, c = shape(x)
     o = shape(mix)[3]
     if any(not branches[b][0].same_as(x) for b in vars_) or shape(mix) != (n, h, w, o):
         return None
+    if h * w < MIN_PIXELS_PER_CHANNEL * c:
+        return None  # the branches' outputs are small beside their weights: fusing saves less than it costs
     if any(shape(s) != (n, 1, 1, o) for _, s in scaled):
         return None
     # each branch's one other use is an add of the plain sum; its root's one use is the pixel mean
@@ -288,6 +301,8 @@ def fuse_cycle_token_mixer(mod: tvm.IRModule, params: dict[str, np.ndarray], tar
     computing in ``dtype`` (None: the graph's); return the module, its params in call order, and a report."""
     func = mod["main"]
     num_input = int(func.attrs["num_input"])
+    if target.kind.name not in TARGET_KINDS:
+        return mod, params, {"sites": 0, "reason": f"not fused for {target.kind.name} targets"}
     sites = find_mixer_sites(func, params, keep)
     if not sites:
         return mod, params, {"sites": 0}
