@@ -15,8 +15,10 @@ from pipeline.toolchain.fma_loops import analyze_disassembly, analyze_library, f
 MIN_FMLA_PER_INSTRUCTION = 0.7
 DEFAULT_MODEL = "mixer_s16_224"  # the default suite's; the others under -m slow
 FP16_ARM_TARGETS = [t.name for t in targets.list_targets() if t.runner == "qemu-aarch64" and t.float16_arithmetic]
-# (target, fp16): float32 on rpi5, float16 on every Arm board that computes in it
-BUILDS = [pytest.param("rpi5", False, id="rpi5-fp32")] + [pytest.param(t, True, id=f"{t}-fp16") for t in FP16_ARM_TARGETS]
+# (target, fp16): float32 on rpi5, float16 on every Arm board that computes in it; the default suite builds float16
+# for the first of them (the same NEON tiles: +fullfp16 cores alike), the others under -m slow (a minute each)
+BUILDS = [pytest.param("rpi5", False, id="rpi5-fp32")] + [
+    pytest.param(t, True, id=f"{t}-fp16", marks=[pytest.mark.slow] if i else []) for i, t in enumerate(FP16_ARM_TARGETS)]
 
 
 def test_loops_spills_and_ratio_are_read_from_the_disassembly():
