@@ -167,7 +167,7 @@ def diagnose(spec: BuildSpec, listener: StageListener = lambda *_: None,
             ran = f"the probe build for {target.name}, {ran}"
         else:  # the host twin's optimize and build for this CPU
             with stage("host twin"):
-                outputs, ran = run_host_twin(front.mod, front.params, spec.fp16, front.inputs, names, keep)
+                outputs, ran = run_host_twin(front.mod, front.params, spec.fp16, front.inputs, names, keep, target)
             ran = f"{target.name}'s library cannot run here ({reason}); the probe build's {ran}"
     cfg = front.cfg
     atol, rtol = (cfg.fp16_atol, cfg.fp16_rtol) if spec.fp16 else (cfg.atol, cfg.rtol)

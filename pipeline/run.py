@@ -235,7 +235,7 @@ def compile_model(spec: BuildSpec, out: Path | None = None, listener: StageListe
                 candidates["tvm"], ran["tvm"] = library_outputs, f"the compiled library, {library_run}"
             else:  # everything but the target's schedules and codegen, checked here
                 candidates["tvm-host"], ran["tvm-host"] = run_host_twin(front.mod, front.params, spec.fp16, inputs,
-                                                                        OUTPUT_NAMES, keep)
+                                                                        OUTPUT_NAMES, keep, target)
             fp32 = (cfg.atol, cfg.rtol)
             library_tolerance = (cfg.fp16_atol, cfg.fp16_rtol) if spec.fp16 else fp32
             try:

@@ -55,7 +55,7 @@ def wrong_layer_norm_epsilon(mod, params, target, dtype, keep):
 
 @pytest.fixture
 def wrong_rewrite(monkeypatch):
-    monkeypatch.setattr(optimize, "GRAPH_PASSES", (*optimize.GRAPH_PASSES, wrong_layer_norm_epsilon))
+    monkeypatch.setattr(optimize, "GRAPH_PASSES", (*optimize.GRAPH_PASSES, (wrong_layer_norm_epsilon, None)))
 
 
 def test_a_wrong_rewrite_is_named_exactly(wrong_rewrite):

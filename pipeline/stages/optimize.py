@@ -9,7 +9,7 @@ from tvm import relax
 from targets import TargetSpec
 from tvm_schedules.passes.canonicalize_block_names import canonicalize_block_names
 from tvm_schedules.passes.fold_weight_transforms import fold_weight_transforms
-from tvm_schedules.passes.fuse_cycle_token_mixer import fuse_cycle_token_mixer
+from tvm_schedules.passes.fuse_cycle_token_mixer import TARGET_KINDS as MIXER_TARGET_KINDS, fuse_cycle_token_mixer
 from tvm_schedules.passes.keep_float32 import keep_float32
 from tvm_schedules.passes.mark_weight_arguments import mark_weight_arguments
 from tvm_schedules.passes.rewrite_cyclefc import rewrite_cyclefc
@@ -18,11 +18,11 @@ from tvm_schedules.cuda import apply_default_schedules as cuda_default_schedules
 from ..tuning.apply import apply_records
 from ..tvm_targets import to_tvm_target
 
-# Each graph pass: (mod, params, tvm target, compute dtype, keep) -> (mod, params, report). Applied to every model,
-# in order, before ToMixedPrecision: a kernel a pass puts in computes in the dtype it is given (float16 in --fp16);
-# a site with a binding in ``keep`` (kept in float32) is left for keep_float32.
-# The token mixer's pass first: it reads the CycleFC sites it fuses in their export form.
-GRAPH_PASSES = (fuse_cycle_token_mixer, rewrite_cyclefc)
+# Each graph pass: (mod, params, tvm target, compute dtype, keep) -> (mod, params, report), with the TVM target kinds
+# it runs for (None: all). Applied to every model, in order, before ToMixedPrecision: a kernel a pass puts in
+# computes in the dtype it is given (float16 in --fp16); a site with a binding in ``keep`` (kept in float32) is
+# left for keep_float32. The token mixer's pass first: it reads the CycleFC sites it fuses in their export form.
+GRAPH_PASSES = ((fuse_cycle_token_mixer, MIXER_TARGET_KINDS), (rewrite_cyclefc, None))
 
 # Default schedules for the fused functions that neither our kernels nor tuning records scheduled, by TVM
 # target kind: (mod, tvm target) -> (mod, report). The llvm pipeline schedules nothing, which left untuned
@@ -56,12 +56,18 @@ def lower_to_fused_tir(mod: tvm.IRModule) -> tvm.IRModule:
 
 
 def lower(mod: tvm.IRModule, params: dict[str, np.ndarray], target: TargetSpec, fp16: bool = False,
-          keep_fp32: frozenset[str] = frozenset()) -> tuple[tvm.IRModule, dict[str, np.ndarray], dict]:
+          keep_fp32: frozenset[str] = frozenset(), rewrites_as_for: TargetSpec | None = None
+          ) -> tuple[tvm.IRModule, dict[str, np.ndarray], dict]:
     """Our graph rewrites, then fused TIR: the module whose functions are the tuning tasks (pipeline.tune).
-    ``keep_fp32``: with ``fp16``, the bindings (pipeline.stages.layers.KeptLayers) left in float32."""
+    ``keep_fp32``: with ``fp16``, the bindings (pipeline.stages.layers.KeptLayers) left in float32.
+    ``rewrites_as_for``: choose the graph passes as for this target, schedule for ``target`` (a host twin)."""
     reports = {}
     dtype = "float16" if fp16 else "float32"
-    for graph_pass in GRAPH_PASSES:
+    kind = to_tvm_target(rewrites_as_for or target).kind.name
+    for graph_pass, kinds in GRAPH_PASSES:
+        if kinds is not None and kind not in kinds:
+            reports[graph_pass.__name__] = {"sites": 0, "reason": f"not run for {kind} targets"}
+            continue
         mod, params, reports[graph_pass.__name__] = graph_pass(mod, params, to_tvm_target(target), dtype,
                                                                keep_fp32 if fp16 else frozenset())
     if fp16 and keep_fp32:
@@ -77,9 +83,11 @@ def lower(mod: tvm.IRModule, params: dict[str, np.ndarray], target: TargetSpec, 
 
 
 def optimize(mod: tvm.IRModule, params: dict[str, np.ndarray], target: TargetSpec, fp16: bool = False,
-             keep_fp32: frozenset[str] = frozenset()) -> tuple[tvm.IRModule, dict[str, np.ndarray], dict]:
-    """Return the optimized module, the params it still needs, and a report per step."""
-    mod, params, reports = lower(mod, params, target, fp16, keep_fp32)
+             keep_fp32: frozenset[str] = frozenset(), rewrites_as_for: TargetSpec | None = None
+             ) -> tuple[tvm.IRModule, dict[str, np.ndarray], dict]:
+    """Return the optimized module, the params it still needs, and a report per step (``rewrites_as_for``: see
+    :func:`lower`)."""
+    mod, params, reports = lower(mod, params, target, fp16, keep_fp32, rewrites_as_for)
     mod, reports["tuning"] = apply_records(mod, target)  # the target's tuning database, if any
     after_fold = to_tvm_target(target).kind.name in SCHEDULE_AFTER_FOLD
     if not after_fold:

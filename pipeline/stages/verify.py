@@ -35,17 +35,19 @@ def run_onnxruntime(path: Path, inputs: dict[str, np.ndarray]) -> tuple[dict[str
 
 
 def run_host_twin(mod, params: dict[str, np.ndarray], fp16: bool, inputs: dict[str, np.ndarray],
-                  output_names: tuple[str, ...], keep_fp32: frozenset[str] = frozenset()
+                  output_names: tuple[str, ...], keep_fp32: frozenset[str], target: TargetSpec
                   ) -> tuple[dict[str, np.ndarray], str]:
-    """The imported module ``mod`` optimized and built for this host's CPU, run here; its outputs and what ran."""
+    """The imported module ``mod`` optimized and built for this host's CPU, with the graph rewrites ``target``'s
+    build makes, run here; its outputs and what ran."""
     host = targets.get_target(HOST_TARGET)
-    twin, twin_params, _ = optimize(mod, params, host, fp16, keep_fp32)
+    twin, twin_params, _ = optimize(mod, params, host, fp16, keep_fp32, rewrites_as_for=target)
     with tempfile.TemporaryDirectory(prefix="pipeline-twin-") as tmp:
         build(twin, host, Path(tmp) / "twin.so")
         outputs = run_library(Path(tmp) / "twin.so", host.device, twin_params, inputs, output_names)
     precision = ", float16 mixed precision" if fp16 else ""
-    return outputs, (f"host twin: the same module through the same optimize stage (our rewrites{precision}) built "
-                     f"for this host's CPU ({HOST_TARGET}) and run here; not the target's schedules or code generation")
+    return outputs, (f"host twin: the same module through the same optimize stage (our rewrites as for {target.name}"
+                     f"{precision}) built for this host's CPU ({HOST_TARGET}) and run here; not the target's schedules "
+                     "or code generation")
 
 
 def why_not_run_here(target: TargetSpec) -> str | None:

@@ -45,7 +45,7 @@ UNSHIFTED = (1, 1)
 # schedule's packed panels for mlp_c. cyclemlp_b1 on a 2-core AMD EPYC (Zen 5), each kernel timed alone, quiet,
 # fused / unfused per mixer: 56x56x64 0.95, 28x28x128 0.93, 14x14x320 1.27, 7x7x512 1.44.
 MIN_PIXELS_PER_CHANNEL = 1
-# The TVM target kinds it runs for. Not CUDA: there each fused mixer is launches more, not fewer (its squeeze reads
+# The TVM target kinds the optimize stage runs it for. Not CUDA: there each fused mixer is launches more, not fewer (its squeeze reads
 # x's pixel sums through some eight small reductions, where the unfused mixer launches its three GEMMs and three
 # elementwise kernels): cyclemlp_b1's inference went from 181 to 197 launches, in a build bound by launches.
 TARGET_KINDS = frozenset({"llvm"})
@@ -301,8 +301,6 @@ def fuse_cycle_token_mixer(mod: tvm.IRModule, params: dict[str, np.ndarray], tar
     computing in ``dtype`` (None: the graph's); return the module, its params in call order, and a report."""
     func = mod["main"]
     num_input = int(func.attrs["num_input"])
-    if target.kind.name not in TARGET_KINDS:
-        return mod, params, {"sites": 0, "reason": f"not fused for {target.kind.name} targets"}
     sites = find_mixer_sites(func, params, keep)
     if not sites:
         return mod, params, {"sites": 0}
