@@ -12,7 +12,7 @@ import pytest
 from pipeline.toolchain import cuda_toolchains, elf
 from pipeline.toolchain.cubin import cubin_info, cuda_device_code
 
-TASK = "fused_matmul2_add6"
+TASK = "fused_matmul2_add6_add3"  # test_mixer's channel fc2, bias and residual add (fused on CUDA: unflatten_linear_chains)
 TIMEOUT_S = 300
 
 

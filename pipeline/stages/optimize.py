@@ -13,6 +13,7 @@ from tvm_schedules.passes.fuse_cycle_token_mixer import TARGET_KINDS as MIXER_TA
 from tvm_schedules.passes.keep_float32 import keep_float32
 from tvm_schedules.passes.mark_weight_arguments import mark_weight_arguments
 from tvm_schedules.passes.rewrite_cyclefc import rewrite_cyclefc
+from tvm_schedules.passes.unflatten_linear_chains import TARGET_KINDS as UNFLATTEN_TARGET_KINDS, unflatten_linear_chains
 from tvm_schedules.cpu import apply_default_schedules as cpu_default_schedules
 from tvm_schedules.cuda import apply_default_schedules as cuda_default_schedules
 from ..tuning.apply import apply_records
@@ -22,7 +23,8 @@ from ..tvm_targets import to_tvm_target
 # it runs for (None: all). Applied to every model, in order, before ToMixedPrecision: a kernel a pass puts in
 # computes in the dtype it is given (float16 in --fp16); a site with a binding in ``keep`` (kept in float32) is
 # left for keep_float32. The token mixer's pass first: it reads the CycleFC sites it fuses in their export form.
-GRAPH_PASSES = ((fuse_cycle_token_mixer, MIXER_TARGET_KINDS), (rewrite_cyclefc, None))
+GRAPH_PASSES = ((fuse_cycle_token_mixer, MIXER_TARGET_KINDS), (rewrite_cyclefc, None),
+                (unflatten_linear_chains, UNFLATTEN_TARGET_KINDS))
 
 # Default schedules for the fused functions that neither our kernels nor tuning records scheduled, by TVM
 # target kind: (mod, tvm target) -> (mod, report). The llvm pipeline schedules nothing, which left untuned
@@ -66,7 +68,7 @@ def lower(mod: tvm.IRModule, params: dict[str, np.ndarray], target: TargetSpec, 
     kind = to_tvm_target(rewrites_as_for or target).kind.name
     for graph_pass, kinds in GRAPH_PASSES:
         if kinds is not None and kind not in kinds:
-            reports[graph_pass.__name__] = {"sites": 0, "reason": f"not run for {kind} targets"}
+            reports[graph_pass.__name__] = {"reason": f"not run for {kind} targets"}
             continue
         mod, params, reports[graph_pass.__name__] = graph_pass(mod, params, to_tvm_target(target), dtype,
                                                                keep_fp32 if fp16 else frozenset())
