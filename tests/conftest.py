@@ -23,6 +23,25 @@ ALL_TARGETS = [t.name for t in targets.list_targets()]
 CUDA_TARGETS = [t.name for t in targets.list_targets() if t.cuda]
 
 
+def imported_module(module, input_shape, tmp_path, seed: int = 0):
+    """A torch module through export, onnxsim and the Relax import, as compile's front end does: (mod, params,
+    inputs, PyTorch's outputs on them)."""
+    import numpy as np
+
+    from pipeline.stages.export import export_onnx
+    from pipeline.stages.reference import OUTPUT_NAMES, run_torch
+    from pipeline.stages.relax_import import import_onnx
+    from pipeline.stages.simplify import simplify_onnx
+
+    module = module.eval()
+    inputs = {"input": np.random.default_rng(seed).standard_normal(input_shape, dtype=np.float32)}
+    reference = run_torch(module, inputs)
+    export_onnx(module, inputs, OUTPUT_NAMES, 17, tmp_path / "m.onnx")
+    simplify_onnx(tmp_path / "m.onnx", tmp_path / "s.onnx")
+    mod, params = import_onnx(tmp_path / "s.onnx", {"input": input_shape})
+    return mod, params, inputs, reference
+
+
 def run_cli(*args: str, **kwargs):
     import subprocess
 

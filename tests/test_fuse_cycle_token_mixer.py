@@ -10,16 +10,14 @@ from pipeline.run import compile_model
 from pipeline.runtime import run_library
 from pipeline.spec import BuildSpec
 from pipeline.stages.build import build
-from pipeline.stages.export import export_onnx
 from pipeline.stages.optimize import lower
-from pipeline.stages.reference import OUTPUT_NAMES, run_torch
-from pipeline.stages.relax_import import import_onnx
-from pipeline.stages.simplify import simplify_onnx
 from pipeline.stages.verify import verify
 from pipeline.tvm_targets import to_tvm_target
 from targets import get_target
 from tvm_schedules.passes.fuse_cycle_token_mixer import fuse_cycle_token_mixer, read_mask
 from tvm_schedules.passes.rewrite_cyclefc import rewrite_cyclefc
+from conftest import imported_module
+from pipeline.stages.reference import OUTPUT_NAMES
 
 X86 = get_target("x86")
 
@@ -46,11 +44,7 @@ def mixer(dim: int, qkv_bias: bool = False, seed: int = 0) -> nn.Module:
 
 
 def rewrite(module, input_shape, tmp_path, dtype=None):
-    inputs = {"input": np.random.default_rng(1).standard_normal(input_shape, dtype=np.float32)}
-    reference = run_torch(module, inputs)
-    export_onnx(module, inputs, OUTPUT_NAMES, 17, tmp_path / "m.onnx")
-    simplify_onnx(tmp_path / "m.onnx", tmp_path / "s.onnx")
-    mod, params = import_onnx(tmp_path / "s.onnx", {"input": input_shape})
+    mod, params, inputs, reference = imported_module(module, input_shape, tmp_path, seed=1)
     mod, params, report = fuse_cycle_token_mixer(mod, params, to_tvm_target(X86), dtype)
     mod, params, _ = rewrite_cyclefc(mod, params, to_tvm_target(X86), dtype)
     return mod, params, report, inputs, reference
@@ -128,13 +122,6 @@ def test_a_layer_kept_in_float32_keeps_its_mixer_unfused(tmp_path):
     assert kept["verify"]["passed"]
 
 
-def imported(module, shape, tmp_path):
-    inputs = {"input": np.random.default_rng(1).standard_normal(shape, dtype=np.float32)}
-    export_onnx(module, inputs, OUTPUT_NAMES, 17, tmp_path / "m.onnx")
-    simplify_onnx(tmp_path / "m.onnx", tmp_path / "s.onnx")
-    return import_onnx(tmp_path / "s.onnx", {"input": shape})
-
-
 @pytest.mark.parametrize("target,rewrites_as_for,shape,sites", [
     ("x86", None, (1, 8, 8, 64), 1), ("jetson-orin-nano", None, (1, 8, 8, 64), 0),
     ("x86", "jetson-orin-nano", (1, 8, 8, 64), 0), ("x86", None, (1, 7, 7, 64), 0)],
@@ -143,7 +130,7 @@ def test_where_the_mixer_is_fused(tmp_path, target, rewrites_as_for, shape, site
     """Not on CUDA (TARGET_KINDS: it would launch more kernels there; a CUDA build's host twin does as the build
     does), nor on an image of fewer pixels than channels (MIN_PIXELS_PER_CHANNEL: 49 < 64); 64 pixels of 64
     channels are fused on x86."""
-    mod, params = imported(mixer(64), shape, tmp_path)
+    mod, params, _, _ = imported_module(mixer(64), shape, tmp_path)
     twin_of = get_target(rewrites_as_for) if rewrites_as_for else None
     _, _, reports = lower(mod, params, get_target(target), rewrites_as_for=twin_of)
     assert reports["fuse_cycle_token_mixer"].get("sites", 0) == sites

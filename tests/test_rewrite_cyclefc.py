@@ -1,5 +1,4 @@
 """The CycleFC rewrite: finds every exported CycleFC, leaves look-alikes alone, and stays exact."""
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -9,13 +8,11 @@ from models.cyclemlp import CycleFC, CycleMLP
 from pipeline.runtime import run_library
 from pipeline.stages.build import build
 from pipeline.tvm_targets import to_tvm_target
-from pipeline.stages.export import export_onnx
-from pipeline.stages.reference import OUTPUT_NAMES, run_torch
-from pipeline.stages.relax_import import import_onnx
-from pipeline.stages.simplify import simplify_onnx
 from pipeline.stages.verify import verify
 from targets import get_target
 from tvm_schedules.passes.rewrite_cyclefc import is_cyclic_shift_kernel, rewrite_cyclefc
+from conftest import imported_module
+from pipeline.stages.reference import OUTPUT_NAMES
 
 X86 = get_target("x86")
 
@@ -47,12 +44,7 @@ class LookAlike(nn.Module):
 def compile_and_check(module, input_shape, tmp_path):
     """Export -> simplify -> import -> rewrite -> build -> run; return the rewrite report."""
     torch.manual_seed(0)
-    module = module.eval()
-    inputs = {"input": np.random.default_rng(0).standard_normal(input_shape, dtype=np.float32)}
-    reference = run_torch(module, inputs)
-    export_onnx(module, inputs, OUTPUT_NAMES, 17, tmp_path / "m.onnx")
-    simplify_onnx(tmp_path / "m.onnx", tmp_path / "s.onnx")
-    mod, params = import_onnx(tmp_path / "s.onnx", {"input": input_shape})
+    mod, params, inputs, reference = imported_module(module, input_shape, tmp_path)
     mod, params, report = rewrite_cyclefc(mod, params, to_tvm_target(X86))
     build(mod, X86, tmp_path / "lib.so")
     actual = run_library(tmp_path / "lib.so", "cpu", params, inputs, OUTPUT_NAMES)

@@ -1,20 +1,18 @@
 """Flattened Linear chains run on their N-D input: what follows fuses into the last matmul, results unchanged."""
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
 from pipeline.runtime import run_library
 from pipeline.stages.build import build
-from pipeline.stages.export import export_onnx
 from pipeline.stages.optimize import optimize
-from pipeline.stages.reference import OUTPUT_NAMES, run_torch
 from pipeline.stages.relax_import import import_onnx
-from pipeline.stages.simplify import simplify_onnx
 from pipeline.stages.verify import verify
 from pipeline.tvm_targets import to_tvm_target
 from targets import get_target
 from tvm_schedules.passes.unflatten_linear_chains import unflatten_linear_chains
+from conftest import imported_module
+from pipeline.stages.reference import OUTPUT_NAMES
 
 X86 = get_target("x86")
 
@@ -42,13 +40,7 @@ class MeanOverRows(ResidualMlp):
 
 def imported(module, shape, tmp_path):
     torch.manual_seed(0)
-    module = module.eval()
-    inputs = {"input": np.random.default_rng(2).standard_normal(shape, dtype=np.float32)}
-    reference = run_torch(module, inputs)
-    export_onnx(module, inputs, OUTPUT_NAMES, 17, tmp_path / "m.onnx")
-    simplify_onnx(tmp_path / "m.onnx", tmp_path / "s.onnx")
-    mod, params = import_onnx(tmp_path / "s.onnx", {"input": shape})
-    return mod, params, inputs, reference
+    return imported_module(module, shape, tmp_path, seed=2)
 
 
 def test_chain_runs_on_its_input_and_stays_exact(tmp_path):
