@@ -62,7 +62,7 @@ def _offsets(kernel_size):
     """``c -> (dy, dx)``: where channel c of a CycleFC with ``kernel_size`` reads ((1, 1): in place)."""
     kh, kw = (1, 1) if tuple(kernel_size) == (1, 1) else _normalize_kernel(kernel_size)
     k = kh * kw  # the long side; the other side is 1
-    zero = lambda ci: tirx.const(0, ci.ty) if hasattr(ci, "ty") else 0  # noqa: E731
+    zero = lambda ci: tirx.const(0, ci.ty)  # noqa: E731
     if k == 1:
         return lambda ci: (zero(ci), zero(ci))
     shift = lambda ci: tirx.floormod(ci + k // 2, k) - k // 2  # noqa: E731
@@ -72,8 +72,8 @@ def _offsets(kernel_size):
 def _read_at(x: te.Tensor, b, y, xx, ci, dy, dx):
     """x[b, y + dy, xx + dx, ci], zero outside the image (bounds checked only along a moved axis)."""
     h, w = x.shape[1], x.shape[2]
-    moved = [(v + d, extent) for v, d, extent in ((y, dy, h), (xx, dx, w)) if not (isinstance(d, int) and d == 0)
-             and not (isinstance(d, tirx.IntImm) and d.value == 0)]
+    moved = [(v + d, extent) for v, d, extent in ((y, dy, h), (xx, dx, w))
+             if not (isinstance(d, tirx.IntImm) and d.value == 0)]
     value = x[b, y + dy, xx + dx, ci]
     if not moved:
         return value

@@ -53,7 +53,6 @@ TARGET_KINDS = frozenset({"llvm"})
 
 @dataclass(frozen=True)
 class Branch:
-    var: relax.Var  # the branch's output (N, H, W, O)
     kernel_size: tuple[int, int]  # a CycleFC's shift, or UNSHIFTED for a plain projection
     weight: np.ndarray  # (C, O)
     bias: np.ndarray | None  # (O,)
@@ -90,7 +89,7 @@ def _branches(func: relax.Function, graph: Bindings, params: dict[str, np.ndarra
             o, c = shape(site.weight)[:2]
             weight = params[site.weight.name].reshape(o, c).T
             bias = None if site.bias is None else params[site.bias.name]
-            found[site.root] = (site.x, Branch(site.root, site.kernel_size, weight, bias))
+            found[site.root] = (site.x, Branch(site.kernel_size, weight, bias))
     for var, value in graph.value.items():
         if not (is_call(value, _MATMUL) and graph.is_param(value.args[1], 2)):
             continue
@@ -108,7 +107,7 @@ def _branches(func: relax.Function, graph: Bindings, params: dict[str, np.ndarra
             if back is None or not is_call(graph.value[back], _RESHAPE) or len(shape(back)) != 4:
                 continue
             root = back
-        found[root] = (x, Branch(root, UNSHIFTED, params[value.args[1].name], bias))
+        found[root] = (x, Branch(UNSHIFTED, params[value.args[1].name], bias))
     return found
 
 
