@@ -59,6 +59,7 @@ def find_chains(func: relax.Function) -> tuple[dict[relax.Var, relax.Expr], set[
     """(reshape in -> its N-D input, reshapes back) of every chain that can run on its N-D input."""
     graph = Bindings(func, set())
     order = list(graph.value)  # bindings in program order: a chain op's operands come before it
+    operands = {var: set(relax.analysis.free_vars(value)) for var, value in graph.value.items()}  # once, not per chain
     inputs, outputs = {}, set()
     for start, var in enumerate(order):
         value = graph.value[var]
@@ -73,7 +74,7 @@ def find_chains(func: relax.Function) -> tuple[dict[relax.Var, relax.Expr], set[
         chain, ends = {var}, set()
         for user in order[start + 1:]:
             used = graph.value[user]
-            if not any(v in chain for v in relax.analysis.free_vars(used)):
+            if chain.isdisjoint(operands[user]):
                 continue
             tensor = isinstance(user.ty, relax.TensorType) and user.ty.shape is not None
             if tensor and is_call(used, _RESHAPE) and shape(user) == (*lead, shape(user)[-1]):
