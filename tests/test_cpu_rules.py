@@ -140,6 +140,17 @@ def test_conv_1x1_bias_gelu(c, o, h):
     check(emit, [(1, c, h, h), (o, c, 1, 1), (o,)], "Contraction", ref, rtol=1e-4, atol=2e-5)
 
 
+def test_conv_1x1_streams_the_image_in_panels():
+    """Input channels one 16x32 image plane apart (2 KiB), 48 output channels (8 row tiles of 6): the image is
+    copied into panels one tile wide, [pixel // width, 1, channel, pixel % width], and the result is unchanged."""
+    c, o = 24, 48
+    scheduled = check(lambda x, w: relax.op.nn.conv2d(x, w), [(1, c, 16, 32), (o, c, 1, 1)], "Contraction",
+                      lambda x, w: conv_ref(x, w), rtol=1e-4)
+    panels = re.findall(rf"_global = T.sblock_alloc_buffer\(\(T.int64\((\d+)\), T.int64\(1\), T.int64\({c}\), "
+                        r"T.int64\((\d+)\)\)", scripts(scheduled))
+    assert [int(n) * int(width) for n, width in panels] == [16 * 32], scripts(scheduled)
+
+
 @pytest.mark.parametrize("c, h, k", [(24, 16, 9), (7, 11, 3), (5, 6, 5)])
 def test_depthwise_conv_same_padding(c, h, k):
     """ConvMixer's depthwise k x k (padding k//2: the pad block stays materialized)."""

@@ -8,6 +8,7 @@ from tvm import relax
 
 from targets import TargetSpec
 from tvm_schedules.passes.canonicalize_block_names import canonicalize_block_names
+from tvm_schedules.passes.fold_batch_norm import fold_batch_norm
 from tvm_schedules.passes.fold_weight_transforms import fold_weight_transforms
 from tvm_schedules.passes.fuse_cycle_token_mixer import TARGET_KINDS as MIXER_TARGET_KINDS, fuse_cycle_token_mixer
 from tvm_schedules.passes.keep_float32 import keep_float32
@@ -23,7 +24,7 @@ from ..tvm_targets import to_tvm_target
 # it runs for (None: all). Applied to every model, in order, before ToMixedPrecision: a kernel a pass puts in
 # computes in the dtype it is given (float16 in --fp16); a site with a binding in ``keep`` (kept in float32) is
 # left for keep_float32. The token mixer's pass first: it reads the CycleFC sites it fuses in their export form.
-GRAPH_PASSES = ((fuse_cycle_token_mixer, MIXER_TARGET_KINDS), (rewrite_cyclefc, None),
+GRAPH_PASSES = ((fold_batch_norm, None), (fuse_cycle_token_mixer, MIXER_TARGET_KINDS), (rewrite_cyclefc, None),
                 (unflatten_linear_chains, UNFLATTEN_TARGET_KINDS))
 
 # Default schedules for the fused functions that neither our kernels nor tuning records scheduled, by TVM
@@ -46,8 +47,12 @@ def lower_to_fused_tir(mod: tvm.IRModule) -> tvm.IRModule:
     per call (see ``fold_weight_transforms``).
     """
     return mark_weight_arguments(canonicalize_block_names(tvm.transform.Sequential([
-        # Inference batch_norm as a multiply-add with its statistics folded: fused into the op before it (ConvMixer's
-        # conv epilogues), where as one op it was a kernel of its own that reread the whole activation.
+        # FuseOps stops at a binding of one variable to another (the import's alias after each normalization; in
+        # ConvMixer the residual add after every depthwise block was a kernel of its own).
+        relax.transform.CanonicalizeBindings(),
+        # Inference batch_norm as arithmetic fused into the op before it (ConvMixer's conv epilogues), where as one op
+        # it was a kernel of its own that reread the whole activation (fold_batch_norm has already folded those whose
+        # statistics are weights).
         relax.transform.DecomposeOpsForInference(),
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),

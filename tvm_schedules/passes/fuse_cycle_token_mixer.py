@@ -29,7 +29,7 @@ import tvm
 from tvm import relax
 
 from ..cyclefc import TOKEN_MIXER_RULE, TOKEN_SQUEEZE_RULE, schedule_cyclefc, token_mixer_primfunc
-from .graph_match import Bindings, axes, is_call, shape
+from .graph_match import Bindings, axes, is_call, shape, with_new_params
 from .rewrite_cyclefc import find_cyclefc_sites
 
 _ADD = tvm.ir.Op.get("relax.add")
@@ -299,7 +299,6 @@ def fuse_cycle_token_mixer(mod: tvm.IRModule, params: dict[str, np.ndarray], tar
     """Rewrite every CycleMLP token mixer of ``main`` (but those with a binding in ``keep``) into one kernel call
     computing in ``dtype`` (None: the graph's); return the module, its params in call order, and a report."""
     func = mod["main"]
-    num_input = int(func.attrs["num_input"])
     sites = find_mixer_sites(func, params, keep)
     if not sites:
         return mod, params, {"sites": 0}
@@ -307,15 +306,7 @@ def fuse_cycle_token_mixer(mod: tvm.IRModule, params: dict[str, np.ndarray], tar
     body = rewriter.visit_expr(func.body)
     new_func = relax.Function(func.params, body, func.ret_ty, func.is_pure, func.attrs)
     rewriter.builder_.update_func(rewriter.builder_.get().get_global_var("main"), new_func)
-    new_mod = relax.transform.DeadCodeElimination(["main"])(rewriter.builder_.get())
-    main = new_mod["main"]
-    used = {v.name for v in relax.analysis.free_vars(main.body)}
-    weights = [p for p in main.params[num_input:] if p.name in used]
-    added = [var for var, _ in rewriter.new_params.values()]
-    new_mod["main"] = relax.Function([*main.params[:num_input], *weights, *added], main.body, main.ret_ty,
-                                     main.is_pure, main.attrs)
-    new_params = {p.name: params[p.name] for p in weights}
-    new_params.update({name: array for name, (_, array) in rewriter.new_params.items()})
+    new_mod, new_params = with_new_params(rewriter.builder_.get(), params, rewriter.new_params)
     dtypes = sorted({key[6] for key in rewriter.kernels})
     return new_mod, new_params, {"sites": len(sites), "kernels": len(rewriter.kernels), "dtype": "+".join(dtypes),
                                  "branches": sorted({len(s.branches) for s in sites}), "schedule": target.kind.name}

@@ -1,6 +1,8 @@
 """What the graph rewrites read off ``main``'s bindings: each variable's value and users, shapes, op kinds."""
 from __future__ import annotations
 
+import numpy as np
+import tvm
 from tvm import relax
 
 
@@ -49,4 +51,21 @@ class Bindings:
         return isinstance(expr, relax.Var) and expr.name in self.param_names and len(shape(expr)) == ndim
 
 
-__all__ = ["Bindings", "axes", "is_call", "shape"]
+def with_new_params(mod: tvm.IRModule, params: dict[str, np.ndarray],
+                    added: dict[str, tuple[relax.Var, np.ndarray]]) -> tuple[tvm.IRModule, dict[str, np.ndarray]]:
+    """``mod`` (a rewriter's module, ``main`` rewritten) with dead bindings removed, the weights ``main`` no longer
+    reads dropped from its parameters and the ``added`` (name -> (var, array)) appended; the module and its params
+    in call order."""
+    mod = relax.transform.DeadCodeElimination(["main"])(mod)
+    main = mod["main"]
+    num_input = int(main.attrs["num_input"])
+    used = {v.name for v in relax.analysis.free_vars(main.body)}
+    weights = [p for p in main.params[num_input:] if p.name in used]
+    mod["main"] = relax.Function([*main.params[:num_input], *weights, *(var for var, _ in added.values())],
+                                 main.body, main.ret_ty, main.is_pure, main.attrs)
+    new_params = {p.name: params[p.name] for p in weights}
+    new_params.update({name: array for name, (_, array) in added.items()})
+    return mod, new_params
+
+
+__all__ = ["Bindings", "axes", "is_call", "shape", "with_new_params"]

@@ -28,7 +28,7 @@ import tvm
 from tvm import relax
 
 from ..cyclefc import cyclefc_primfunc, schedule_cyclefc
-from .graph_match import Bindings, axes, is_call, shape
+from .graph_match import Bindings, axes, is_call, shape, with_new_params
 
 _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 _PERMUTE = tvm.ir.Op.get("relax.permute_dims")
@@ -150,22 +150,18 @@ def rewrite_cyclefc(mod: tvm.IRModule, params: dict[str, np.ndarray], target: tv
     """Rewrite every CycleFC site of ``main`` (but those with a binding in ``keep``) into kernels computing in
     ``dtype`` (None: the graph's); return the module, its params in call order, and a report."""
     func = mod["main"]
-    num_input = int(func.attrs["num_input"])
     sites = find_cyclefc_sites(func, set(params), keep)
     if not sites:
         return mod, params, {"sites": 0}
     rewriter = _SiteRewriter(mod, sites, target, dtype)
     body = rewriter.visit_expr(func.body)
-    used = {v.name for v in relax.analysis.free_vars(body)}
-    weights = [p for p in func.params[num_input:] if p.name in used]
-    new_func = relax.Function([*func.params[:num_input], *weights, *rewriter.transposed.values()], body,
-                              func.ret_ty, func.is_pure, func.attrs)
-    rewriter.builder_.update_func(rewriter.builder_.get().get_global_var("main"), new_func)
-    new_mod = relax.transform.DeadCodeElimination(["main"])(rewriter.builder_.get())
-    new_params = {p.name: params[p.name] for p in weights}
+    rewriter.builder_.update_func(rewriter.builder_.get().get_global_var("main"),
+                                  relax.Function(func.params, body, func.ret_ty, func.is_pure, func.attrs))
+    added = {}
     for weight, t in rewriter.transposed.items():
         o, c = shape(weight)[:2]
-        new_params[t.name] = np.ascontiguousarray(params[weight.name].reshape(o, c).T.astype(str(t.ty.dtype)))
+        added[t.name] = (t, np.ascontiguousarray(params[weight.name].reshape(o, c).T.astype(str(t.ty.dtype))))
+    new_mod, new_params = with_new_params(rewriter.builder_.get(), params, added)
     dtypes = sorted({dtype for (*_, dtype, _out_dtype, _has_bias) in rewriter.kernels})
     return new_mod, new_params, {"sites": len(sites), "kernels": len(rewriter.kernels), "dtype": "+".join(dtypes),
                                  "schedule": target.kind.name}
