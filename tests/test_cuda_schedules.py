@@ -14,7 +14,8 @@ from pipeline.errors import BuildError
 from pipeline.spec import BuildSpec
 from pipeline.run import compile_model
 from pipeline.stages import optimize as optimize_stage
-from pipeline.stages.build import CONTRACTION_RULES, build, kernel_limit_violations
+from pipeline.stages.build import CONTRACTION_RULES, build
+from pipeline.toolchain.kernel_limits import kernel_limit_violations
 from pipeline.stages.optimize import lower_to_fused_tir, optimize
 from pipeline.stages.relax_import import import_onnx
 from pipeline.toolchain import cuda_toolchains

@@ -9,7 +9,8 @@ from pipeline import runtime
 from pipeline.errors import BuildError
 from pipeline.run import compile_model
 from pipeline.spec import BuildSpec
-from pipeline.stages.build import build, kernel_limit_violations
+from pipeline.stages.build import build
+from pipeline.toolchain.kernel_limits import kernel_limit_violations
 from pipeline.stages.optimize import optimize
 from pipeline.stages.relax_import import import_onnx
 

@@ -51,6 +51,32 @@ def test_cuda_candidates_are_cubins_for_the_targets_arch(tmp_path, target, arch,
         assert code and all(fmt == "cubin" and cubin_info(cubin)["arch"] == arch for fmt, cubin in code)
 
 
+def test_a_candidate_over_the_targets_limits_fails_to_build():
+    """MetaSchedule's builder function holds every kernel to the target's limits: 256 threads per block build for
+    Orin, and fail, named, for a GPU that allows 128."""
+    if toolchain_missing("nvrtc-12"):
+        pytest.skip("nvrtc-12 missing")
+    import dataclasses
+
+    import tvm
+    from tvm import s_tir, te
+
+    from pipeline.tuning.measure import CandidateOverLimits, _build
+    from pipeline.tvm_targets import to_tvm_target
+    from targets import get_target
+
+    spec = get_target("jetson-orin-nano")
+    x = te.placeholder((4096,), name="x")
+    sch = s_tir.Schedule(te.create_prim_func([x, te.compute((4096,), lambda i: x[i] * 2.0, name="y")]))
+    blocks, threads = sch.split(sch.get_loops(sch.get_sblock("y"))[0], [None, 256])
+    sch.bind(blocks, "blockIdx.x")
+    sch.bind(threads, "threadIdx.x")
+    mod, target = sch.mod, to_tvm_target(spec)
+    _build(mod, target, None, cuda=spec.cuda)
+    with pytest.raises(CandidateOverLimits, match=r"max_threads 256 > 128"):
+        _build(mod, target, None, cuda=dataclasses.replace(spec.cuda, max_threads_per_block=128))
+
+
 def test_a_board_without_cuda_is_refused_before_any_trial(rpc, tmp_path):
     # The loopback server's TVM (this host's wheel, no libcuda) has no CUDA: one line, exit 2, nothing uploaded.
     server_log = rpc.processes.log("tracked")

@@ -24,32 +24,10 @@ from ..errors import BuildError
 from ..toolchain import dynamic_shared
 from ..toolchain.cross_link import cross_linker
 from ..toolchain.cuda_aot import CudaToolchainError, aot_cuda
+from ..toolchain.kernel_limits import kernel_limit_violations, with_dynamic_shared_bytes
 from ..toolchain.native_runner import python_only_builtins
 from ..toolchain.sass import SassUnavailable, tensor_core_ops
 from ..tvm_targets import to_tvm_target
-
-
-def kernel_limit_violations(kernels: list[dict], cuda: CudaSpec) -> list[str]:
-    """Each limit a kernel exceeds: its registers, static shared memory, threads, local memory, and its static +
-    dynamic shared memory (``dynamic_shared_bytes``, a kernel without it has none) against the arch's opt-in limit."""
-    limits = (("registers", cuda.max_registers_per_thread), ("shared_bytes", cuda.max_shared_bytes),
-              ("max_threads", cuda.max_threads_per_block), ("local_bytes", 0))
-    violations = [f"{k['name']}: {what} {k[what]} > {limit}"
-                  for k in kernels for what, limit in limits if k[what] is not None and k[what] > limit]
-    for k in kernels:
-        dynamic = k.get("dynamic_shared_bytes", 0)
-        if dynamic is None:
-            violations.append(f"{k['name']}: dynamic shared memory is not a constant, cannot be checked")
-        elif k["shared_bytes"] + dynamic > cuda.max_shared_bytes_optin:
-            violations.append(f"{k['name']}: shared_bytes {k['shared_bytes']} + dynamic_shared_bytes {dynamic} > "
-                              f"{cuda.max_shared_bytes_optin} ({cuda.arch}'s opt-in limit per block)")
-    return violations
-
-
-def with_dynamic_shared_bytes(kernels: list[dict], dynamic: dict[str, int | None]) -> list[dict]:
-    """Each kernel's resources with the dynamic shared bytes it is launched with beside its static ones."""
-    return [{**{key: value for key, value in k.items() if key != "local_bytes"},
-             "dynamic_shared_bytes": dynamic.get(k["name"], 0), "local_bytes": k["local_bytes"]} for k in kernels]
 
 
 # Rules that schedule a conv or matmul as a contraction (tiles in shared memory and registers); a matrix-vector

@@ -21,7 +21,9 @@ from ..errors import BadInput, PipelineError
 from ..runtime import device_problem, use_threads
 from ..spec import Board
 from ..toolchain.cross_link import cross_linker
+from ..toolchain import dynamic_shared
 from ..toolchain.cuda_aot import aot_cuda
+from ..toolchain.kernel_limits import kernel_limit_violations, with_dynamic_shared_bytes
 from ..tvm_targets import to_tvm_target
 
 BUILD_TIMEOUT_S = 30.0
@@ -33,13 +35,19 @@ class TuningUnsupported(BadInput):
     """The target or task selection cannot be tuned as asked."""
 
 
+class CandidateOverLimits(RuntimeError):
+    """A CUDA candidate uses more than its target's GPU allows (MetaSchedule's builder reports it as a failed build)."""
+
+
 class RpcUnavailable(PipelineError):
     """The RPC tracker cannot be reached or has no board under the key."""
 
 
 def _build(mod: tvm.IRModule, target: tvm.target.Target, _params, cuda: CudaSpec | None = None) -> tvm.runtime.Module:
     """MetaSchedule's default build without its ``import tvm.s_tir.tensor_intrin``; for a CUDA target, with
-    the device code compiled here to cubins (``aot_cuda``, entered in the builder's worker process, where this runs).
+    the device code compiled here to cubins (``aot_cuda``, entered in the builder's worker process, where this runs)
+    and every kernel held to the target's limits (``kernel_limits``): a candidate over one fails to build, so
+    MetaSchedule drops it instead of recording a schedule whose compile would fail.
 
     That import takes ~38 s in every fresh builder worker, past the 30 s build timeout, so every
     trial timed out. Candidates arrive scheduled (tensorized blocks already expanded), so building
@@ -50,9 +58,16 @@ def _build(mod: tvm.IRModule, target: tvm.target.Target, _params, cuda: CudaSpec
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
     device_code = aot_cuda(cuda.arch, cuda.toolchain) if cuda else contextlib.nullcontext()
-    with device_code:
-        return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target,
-                         pipeline=TIR_PIPELINE)  # as the compile builds (register tiles on the stack)
+    with device_code as session, dynamic_shared.recording(TIR_PIPELINE) as (pipeline, dynamic_bytes):
+        built = tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target,
+                          pipeline=pipeline)  # as the compile builds (register tiles on the stack)
+    if session is not None:
+        kernels = with_dynamic_shared_bytes([k for out in session.outputs for k in out.kernel_resources()],
+                                            dynamic_bytes)
+        violations = kernel_limit_violations(kernels, cuda)
+        if violations:
+            raise CandidateOverLimits(f"over {cuda.arch}'s limits: " + "; ".join(violations))
+    return built
 
 
 def _export_shared_library(rt_mod: tvm.runtime.Module, triple: str | None) -> str:
