@@ -32,8 +32,10 @@ def toolchain_missing(name: str) -> bool:
     return False
 
 
-@pytest.mark.parametrize("target, arch, toolchain", [("jetson-orin-nano", "sm_87", "nvrtc-12"),
-                                                      ("jetson-xavier-nx", "sm_72", "nvrtc-11")])
+@pytest.mark.parametrize("target, arch, toolchain", [
+    ("jetson-orin-nano", "sm_87", "nvrtc-12"),
+    pytest.param("jetson-xavier-nx", "sm_72", "nvrtc-11", marks=pytest.mark.slow),  # 40 s: the default suite's budget
+])
 def test_cuda_candidates_are_cubins_for_the_targets_arch(tmp_path, target, arch, toolchain):
     if toolchain_missing(toolchain):
         pytest.skip(f"{toolchain} missing: pip install {' '.join(cuda_toolchains.TOOLCHAINS[toolchain].pip_packages)}")
