@@ -6,8 +6,8 @@ ops after it, but not across a reshape, so the residual add after every channel 
 mixer_s16_224's 77 CUDA launches per inference). A chain whose every op works row by row (matmuls by a 2-D weight,
 elementwise ops with scalars or per-column vectors) computes the same on the N-D tensor: the reshape in is dropped,
 the chain's ops are re-emitted on (B, T, .), and each reshape back to (B, T, .) becomes its input. CUDA launches
-per inference: mixer_s16_224 77 -> 69, resmlp_12_224 88 -> 76 (the token MLPs' residual adds stay apart: a
-transpose sits between them and the matmul).
+per inference: mixer_s16_224 77 -> 69, resmlp_12_224 88 -> 76. A token MLP's chain, between two transposes, runs
+unflattened too; ``cancel_chain_transposes`` then runs it by columns without them, and its residual add fuses as well.
 """
 from __future__ import annotations
 
