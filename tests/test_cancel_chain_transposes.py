@@ -1,5 +1,7 @@
 """A row-wise chain between two transposes runs by columns on the untransposed tensor: the transposes go, the residual
 add fuses into the last matmul, results unchanged."""
+from functools import partial
+
 import pytest
 import torch
 import torch.nn as nn
@@ -41,30 +43,44 @@ class EscapingMember(TokenMlp):
         return x + self.fc2(self.act(h)).transpose(1, 2) + h.mean()
 
 
+class TwoChainsInARow(TokenMlp):
+    """The first chain's transpose back opens a second chain: only the first runs by columns (the second would read
+    the first one's member in the layout it no longer has)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc3 = nn.Linear(5, 6)
+
+    def forward(self, x):
+        return self.fc3(self.hidden(x).transpose(1, 2)).transpose(1, 2)
+
+
 def rewritten(module, tmp_path, keep=frozenset()):
-    """The module imported (batch 2, 7 tokens, 5 channels), unflattened as on CUDA, then this pass."""
+    """A ``module()`` imported (batch 2, 7 tokens, 5 channels), unflattened as on CUDA, then this pass."""
     torch.manual_seed(0)
     tmp_path.mkdir(exist_ok=True)
-    mod, params, inputs, reference = imported_module(module, (2, 7, 5), tmp_path, seed=3)
+    mod, params, inputs, reference = imported_module(module(), (2, 7, 5), tmp_path, seed=3)
     target = to_tvm_target(X86)
     mod, params, _ = unflatten_linear_chains(mod, params, target)
     return (*cancel_chain_transposes(mod, params, target, None, keep), inputs, reference)
 
 
-@pytest.mark.parametrize("bias", [True, False])
-def test_the_chain_runs_by_columns_and_stays_exact(bias, tmp_path):
-    out, params, report, inputs, reference = rewritten(TokenMlp(bias=bias), tmp_path)
-    assert report == {"chains": 1, "transposes": 2} and "permute_dims" not in out["main"].script()
+@pytest.mark.parametrize("module, transposes_left", [(TokenMlp, 0), (partial(TokenMlp, bias=False), 0),
+                                                     (TwoChainsInARow, 1)], ids=["bias", "no bias", "two in a row"])
+def test_the_chain_runs_by_columns_and_stays_exact(module, transposes_left, tmp_path):
+    out, params, report, inputs, reference = rewritten(module, tmp_path)
+    assert report == {"chains": 1, "transposes": 2}
+    assert out["main"].script().count("permute_dims") == transposes_left
     build(out, X86, tmp_path / "lib.so")
     verify(reference, {"tvm": run_library(tmp_path / "lib.so", "cpu", params, inputs, OUTPUT_NAMES)},
            {"tvm": (1e-5, 1e-4)})
 
 
 def test_a_chain_whose_member_escapes_or_is_kept_is_left_alone(tmp_path):
-    assert rewritten(EscapingMember(), tmp_path / "escapes")[2] == {"chains": 0}
-    out, _, report, _, _ = rewritten(TokenMlp(), tmp_path / "kept")
+    assert rewritten(EscapingMember, tmp_path / "escapes")[2] == {"chains": 0}
+    out, _, report, _, _ = rewritten(TokenMlp, tmp_path / "kept")
     kept = next(b.var.name for block in out["main"].body.blocks for b in block.bindings if "matmul" in str(b.value))
-    assert report["chains"] == 1 and rewritten(TokenMlp(), tmp_path / "keep", frozenset({kept}))[2] == {"chains": 0}
+    assert report["chains"] == 1 and rewritten(TokenMlp, tmp_path / "keep", frozenset({kept}))[2] == {"chains": 0}
 
 
 def test_the_transposes_go_and_the_residual_add_fuses_on_cuda(tmp_path, monkeypatch):
