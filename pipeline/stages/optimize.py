@@ -7,6 +7,7 @@ import tvm
 from tvm import relax
 
 from targets import TargetSpec
+from tvm_schedules.passes.cancel_chain_transposes import TARGET_KINDS as CANCEL_TARGET_KINDS, cancel_chain_transposes
 from tvm_schedules.passes.canonicalize_block_names import canonicalize_block_names
 from tvm_schedules.passes.fold_batch_norm import fold_batch_norm
 from tvm_schedules.passes.fold_weight_transforms import fold_weight_transforms
@@ -23,9 +24,10 @@ from ..tvm_targets import to_tvm_target
 # Each graph pass: (mod, params, tvm target, compute dtype, keep) -> (mod, params, report), with the TVM target kinds
 # it runs for (None: all). Applied to every model, in order, before ToMixedPrecision: a kernel a pass puts in
 # computes in the dtype it is given (float16 in --fp16); a site with a binding in ``keep`` (kept in float32) is
-# left for keep_float32. The token mixer's pass first: it reads the CycleFC sites it fuses in their export form.
+# left for keep_float32. The token mixer's pass first: it reads the CycleFC sites it fuses in their export form; the
+# transposes around a token MLP cancel once its chain runs unflattened.
 GRAPH_PASSES = ((fold_batch_norm, None), (fuse_cycle_token_mixer, MIXER_TARGET_KINDS), (rewrite_cyclefc, None),
-                (unflatten_linear_chains, UNFLATTEN_TARGET_KINDS))
+                (unflatten_linear_chains, UNFLATTEN_TARGET_KINDS), (cancel_chain_transposes, CANCEL_TARGET_KINDS))
 
 # Default schedules for the fused functions that neither our kernels nor tuning records scheduled, by TVM
 # target kind: (mod, tvm target) -> (mod, report). The llvm pipeline schedules nothing, which left untuned

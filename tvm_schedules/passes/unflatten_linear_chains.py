@@ -6,8 +6,8 @@ ops after it, but not across a reshape, so the residual add after every channel 
 mixer_s16_224's 77 CUDA launches per inference). A chain whose every op works row by row (matmuls by a 2-D weight,
 elementwise ops with scalars or per-column vectors) computes the same on the N-D tensor: the reshape in is dropped,
 the chain's ops are re-emitted on (B, T, .), and each reshape back to (B, T, .) becomes its input. CUDA launches
-per inference: mixer_s16_224 77 -> 69, resmlp_12_224 88 -> 76 (the token MLPs' residual adds stay apart: a
-transpose sits between them and the matmul).
+per inference: mixer_s16_224 77 -> 69, resmlp_12_224 88 -> 76. A token MLP's chain, between two transposes, runs
+unflattened too; ``cancel_chain_transposes`` then runs it by columns without them, and its residual add fuses as well.
 """
 from __future__ import annotations
 
@@ -17,77 +17,37 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .graph_match import Bindings, is_call, shape
+from .graph_match import Bindings, has_shape, is_call, shape
 
 # The TVM target kinds the optimize stage runs it for: where kernels are launches. On this x86 host mixer_s16_224
 # ran as fast either way (18.4 vs 18.3 ms, interleaved), and CPU tuning records are keyed by the fused functions.
 TARGET_KINDS = frozenset({"cuda"})
 
 _RESHAPE = tvm.ir.Op.get("relax.reshape")
-_MATMUL = tvm.ir.Op.get("relax.matmul")
-_BINARY = tuple(tvm.ir.Op.get(f"relax.{name}") for name in ("add", "subtract", "multiply", "divide"))
-_UNARY = tuple(tvm.ir.Op.get(f"relax.{name}") for name in ("erf", "tanh", "sigmoid", "exp", "nn.relu", "nn.gelu",
-                                                            "nn.silu", "astype"))
-
-
-def _row_operand(expr, columns: int) -> bool:
-    """A scalar, or a vector along the last axis: the same for every row."""
-    dims = shape(expr) if isinstance(expr.ty, relax.TensorType) and expr.ty.shape is not None else None
-    return dims is not None and (len(dims) == 0 or (len(dims) <= 2 and math.prod(dims[:-1]) == 1
-                                                     and dims[-1] in (1, columns)))
-
-
-def _row_wise(value, chain: set, rows: int) -> bool:
-    """``value`` computes each row of its (rows, n) result from the same row of its chain operands."""
-    if not isinstance(value, relax.Call):
-        return False
-    if is_call(value, _MATMUL):
-        a, w = value.args
-        return a in chain and w not in chain and len(shape(w)) == 2
-    args = [a for a in value.args if isinstance(a, relax.Expr) and isinstance(a.ty, relax.TensorType)]
-    if any(is_call(value, op) for op in _UNARY):
-        return len(args) == 1 and args[0] in chain
-    if any(is_call(value, op) for op in _BINARY):
-        ins = [a for a in args if a in chain]
-        others = [a for a in args if a not in chain]
-        return bool(ins) and all(shape(a)[0] == rows for a in ins) and all(
-            _row_operand(o, shape(ins[0])[-1]) for o in others)
-    return False
 
 
 def find_chains(func: relax.Function) -> tuple[dict[relax.Var, relax.Expr], set[relax.Var]]:
     """(reshape in -> its N-D input, reshapes back) of every chain that can run on its N-D input."""
     graph = Bindings(func, set())
-    order = list(graph.value)  # bindings in program order: a chain op's operands come before it
-    operands = {var: set(relax.analysis.free_vars(value)) for var, value in graph.value.items()}  # once, not per chain
     inputs, outputs = {}, set()
-    for start, var in enumerate(order):
-        value = graph.value[var]
+    for var, value in graph.value.items():
         if not is_call(value, _RESHAPE) or len(shape(var)) != 2:
             continue
         x = value.args[0]
-        if not isinstance(x.ty, relax.TensorType) or x.ty.shape is None or len(shape(x)) < 3:
+        if not has_shape(x) or len(shape(x)) < 3:
             continue
         lead, rows = shape(x)[:-1], shape(var)[0]
         if math.prod(lead) != rows or shape(x)[-1] != shape(var)[1]:
             continue
-        chain, ends = {var}, set()
-        for user in order[start + 1:]:
-            used = graph.value[user]
-            if chain.isdisjoint(operands[user]):
-                continue
-            tensor = isinstance(user.ty, relax.TensorType) and user.ty.shape is not None
-            if tensor and is_call(used, _RESHAPE) and shape(user) == (*lead, shape(user)[-1]):
-                ends.add(user)
-            elif tensor and len(shape(user)) == 2 and shape(user)[0] == rows and _row_wise(used, chain, rows):
-                chain.add(user)
-            else:
-                break
-        else:
-            escapes = any(None in graph.users.get(v, []) for v in chain)
-            if ends and len(chain) > 1 and not escapes:
-                inputs[var] = x
-                outputs |= ends
+
+        def is_end(user: relax.Var) -> bool:
+            return (is_call(graph.value[user], _RESHAPE) and has_shape(user)
+                    and shape(user) == (*lead, shape(user)[-1]))
+
+        found = graph.row_wise_chain(var, (rows,), is_end)
+        if found is not None:
+            inputs[var] = x
+            outputs |= found[1]
     return inputs, outputs
 
 
