@@ -45,8 +45,9 @@ class Nvrtc:
             self.lib.nvrtcGetErrorString.restype = ctypes.c_char_p
             raise CudaToolchainError(f"{what} failed: {self.lib.nvrtcGetErrorString(rc).decode()}")
 
-    def compile(self, source: str, arch: str) -> tuple[bytes, str]:
-        """Compile CUDA C++ to a cubin for `arch` (sm_XY). Returns (cubin, NVRTC log)."""
+    def compile(self, source: str, arch: str, extra_options: tuple[str, ...] = ()) -> tuple[bytes, str]:
+        """Compile CUDA C++ to a cubin for `arch` (sm_XY), with `extra_options` after ours. Returns (cubin, NVRTC
+        log)."""
         prog = ctypes.c_void_p()
         self._check(
             self.lib.nvrtcCreateProgram(ctypes.byref(prog), _NVRTC_PREAMBLE.encode() + source.encode(),
@@ -57,7 +58,7 @@ class Nvrtc:
             # Mirrors TVM's own NVRTC options (tvm/support/nvcc.py); ptxas -v puts the
             # per-kernel resource summary in the log.
             opts = [f"--gpu-architecture={arch}", "-default-device", "--use_fast_math",
-                    "--device-int128", "--ptxas-options=-v", *self.tc.options,
+                    "--device-int128", "--ptxas-options=-v", *self.tc.options, *extra_options,
                     *(f"-I{p}" for p in self.includes),
                     "-D__NV_SILENCE_DEPRECATION_BEGIN=", "-D__NV_SILENCE_DEPRECATION_END=",
                     "-D__NV_SILENCE_HOST_DEPRECATION_BEGIN=", "-D__NV_SILENCE_HOST_DEPRECATION_END=",
