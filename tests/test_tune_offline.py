@@ -1,7 +1,7 @@
 """Offline tuning: `tune --export-candidates` here, the batch's time_candidates.py on the "board" (this x86 host
 natively, an aarch64 one under qemu-user), `tune --import-results` back into the database that `compile` applies.
 
-Tiny: test_mixer, one task (fused_matmul2_add6), one or two candidates per batch.
+Tiny: test_mixer, one task (fused_matmul2_add6_add3), one or two candidates per batch.
 """
 import json
 import os
@@ -21,7 +21,7 @@ from pipeline.tune import extract_tasks, tuning_module
 from pipeline.tuning import offline
 from pipeline.tuning.database import NOTES, database_dir, open_database
 
-TASK = "fused_matmul2_add6"
+TASK = "fused_matmul2_add6_add3"
 TIMEOUT_S = 240
 
 

@@ -23,12 +23,6 @@ from tvm import relax
 
 from .graph_match import Bindings, axes, has_shape, is_call, shape, with_new_params
 
-# The TVM target kinds the optimize stage runs it for: those unflatten_linear_chains runs for (it finds the token MLPs
-# flattened between reshapes otherwise), where kernels are launches. On this x86 host, with unflatten, three short
-# interleaved runs (2 threads, shared machine) gave gmlp_s16_224 0.88-0.91x the time, but mixer_s16_224 0.92-1.00x
-# and resmlp_12_224 0.91-1.04x: not clearly faster, left off CPU targets.
-TARGET_KINDS = frozenset({"cuda"})
-
 _PERMUTE = tvm.ir.Op.get("relax.permute_dims")
 _MATMUL = tvm.ir.Op.get("relax.matmul")
 
