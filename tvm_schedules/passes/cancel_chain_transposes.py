@@ -21,7 +21,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .graph_match import Bindings, axes, has_shape, is_call, shape, with_new_params
+from .graph_match import Bindings, axes, has_shape, is_call, rewritten_main, shape, with_new_params
 
 _PERMUTE = tvm.ir.Op.get("relax.permute_dims")
 _MATMUL = tvm.ir.Op.get("relax.matmul")
@@ -119,9 +119,7 @@ def cancel_chain_transposes(mod: tvm.IRModule, params: dict[str, np.ndarray], ta
     if not chains:
         return mod, params, {"chains": 0}
     rewriter = _ByColumns(mod, chains, params)
-    body = rewriter.visit_expr(func.body)
-    rewriter.builder_.update_func(rewriter.builder_.get().get_global_var("main"),
-                                  relax.Function(func.params, body, func.ret_ty, func.is_pure, func.attrs))
+    module = rewritten_main(rewriter, func)
     added = {var.name: (var, array) for var, array in rewriter.transposed.values()}
-    new_mod, new_params = with_new_params(rewriter.builder_.get(), params, added)
+    new_mod, new_params = with_new_params(module, params, added)
     return new_mod, new_params, {"chains": len(chains), "transposes": sum(len(c.closings) + 1 for c in chains)}

@@ -13,7 +13,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .graph_match import Bindings, shape, with_new_params
+from .graph_match import Bindings, rewritten_main, shape, with_new_params
 
 _BATCH_NORM = tvm.ir.Op.get("relax.nn.batch_norm")
 
@@ -89,8 +89,6 @@ def fold_batch_norm(mod: tvm.IRModule, params: dict[str, np.ndarray], target: tv
     if not sites:
         return mod, params, {"sites": 0}
     folder = _Folder(mod, sites, Bindings(func, set()).value, params)
-    body = folder.visit_expr(func.body)
-    folder.builder_.update_func(folder.builder_.get().get_global_var("main"),
-                                relax.Function(func.params, body, func.ret_ty, func.is_pure, func.attrs))
-    new_mod, new_params = with_new_params(folder.builder_.get(), params, folder.added)
+    module = rewritten_main(folder, func)
+    new_mod, new_params = with_new_params(module, params, folder.added)
     return new_mod, new_params, {"sites": len(set(sites.values()))}

@@ -29,7 +29,7 @@ import tvm
 from tvm import relax
 
 from ..cyclefc import TOKEN_MIXER_RULE, TOKEN_SQUEEZE_RULE, schedule_cyclefc, token_mixer_primfunc
-from .graph_match import Bindings, axes, is_call, shape, with_new_params
+from .graph_match import Bindings, axes, is_call, rewritten_main, shape, with_new_params
 from .rewrite_cyclefc import find_cyclefc_sites
 
 _ADD = tvm.ir.Op.get("relax.add")
@@ -303,10 +303,7 @@ def fuse_cycle_token_mixer(mod: tvm.IRModule, params: dict[str, np.ndarray], tar
     if not sites:
         return mod, params, {"sites": 0}
     rewriter = _MixerRewriter(mod, sites, target, dtype)
-    body = rewriter.visit_expr(func.body)
-    new_func = relax.Function(func.params, body, func.ret_ty, func.is_pure, func.attrs)
-    rewriter.builder_.update_func(rewriter.builder_.get().get_global_var("main"), new_func)
-    new_mod, new_params = with_new_params(rewriter.builder_.get(), params, rewriter.new_params)
+    new_mod, new_params = with_new_params(rewritten_main(rewriter, func), params, rewriter.new_params)
     dtypes = sorted({key[6] for key in rewriter.kernels})
     return new_mod, new_params, {"sites": len(sites), "kernels": len(rewriter.kernels), "dtype": "+".join(dtypes),
                                  "branches": sorted({len(s.branches) for s in sites}), "schedule": target.kind.name}

@@ -112,6 +112,14 @@ class Bindings:
         return isinstance(expr, relax.Var) and expr.name in self.param_names and len(shape(expr)) == ndim
 
 
+def rewritten_main(rewriter: relax.PyExprMutator, func: relax.Function) -> tvm.IRModule:
+    """The rewriter's module with ``main`` (``func``) replaced by its rewritten body (the kernels it added beside)."""
+    body = rewriter.visit_expr(func.body)
+    rewriter.builder_.update_func(rewriter.builder_.get().get_global_var("main"),
+                                  relax.Function(func.params, body, func.ret_ty, func.is_pure, func.attrs))
+    return rewriter.builder_.get()
+
+
 def with_new_params(mod: tvm.IRModule, params: dict[str, np.ndarray],
                     added: dict[str, tuple[relax.Var, np.ndarray]]) -> tuple[tvm.IRModule, dict[str, np.ndarray]]:
     """``mod`` (a rewriter's module, ``main`` rewritten) with dead bindings removed, the weights ``main`` no longer
@@ -129,4 +137,4 @@ def with_new_params(mod: tvm.IRModule, params: dict[str, np.ndarray],
     return mod, new_params
 
 
-__all__ = ["Bindings", "axes", "has_shape", "is_call", "row_operand", "row_wise", "shape", "with_new_params"]
+__all__ = ["Bindings", "axes", "has_shape", "is_call", "row_operand", "row_wise", "rewritten_main", "shape", "with_new_params"]

@@ -28,7 +28,7 @@ import tvm
 from tvm import relax
 
 from ..cyclefc import cyclefc_primfunc, schedule_cyclefc
-from .graph_match import Bindings, axes, is_call, shape, with_new_params
+from .graph_match import Bindings, axes, is_call, rewritten_main, shape, with_new_params
 
 _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 _PERMUTE = tvm.ir.Op.get("relax.permute_dims")
@@ -154,14 +154,12 @@ def rewrite_cyclefc(mod: tvm.IRModule, params: dict[str, np.ndarray], target: tv
     if not sites:
         return mod, params, {"sites": 0}
     rewriter = _SiteRewriter(mod, sites, target, dtype)
-    body = rewriter.visit_expr(func.body)
-    rewriter.builder_.update_func(rewriter.builder_.get().get_global_var("main"),
-                                  relax.Function(func.params, body, func.ret_ty, func.is_pure, func.attrs))
+    module = rewritten_main(rewriter, func)
     added = {}
     for weight, t in rewriter.transposed.items():
         o, c = shape(weight)[:2]
         added[t.name] = (t, np.ascontiguousarray(params[weight.name].reshape(o, c).T.astype(str(t.ty.dtype))))
-    new_mod, new_params = with_new_params(rewriter.builder_.get(), params, added)
+    new_mod, new_params = with_new_params(module, params, added)
     dtypes = sorted({dtype for (*_, dtype, _out_dtype, _has_bias) in rewriter.kernels})
     return new_mod, new_params, {"sites": len(sites), "kernels": len(rewriter.kernels), "dtype": "+".join(dtypes),
                                  "schedule": target.kind.name}

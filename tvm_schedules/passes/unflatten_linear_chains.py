@@ -17,7 +17,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .graph_match import Bindings, has_shape, is_call, shape
+from .graph_match import Bindings, has_shape, is_call, rewritten_main, shape
 
 _RESHAPE = tvm.ir.Op.get("relax.reshape")
 
@@ -71,7 +71,5 @@ def unflatten_linear_chains(mod: tvm.IRModule, params: dict[str, np.ndarray], ta
     if not inputs:
         return mod, params, {"chains": 0}
     rewriter = _Unflatten(mod, inputs, outputs)
-    body = rewriter.visit_expr(func.body)
-    rewriter.builder_.update_func(rewriter.builder_.get().get_global_var("main"),
-                                  relax.Function(func.params, body, func.ret_ty, func.is_pure, func.attrs))
-    return relax.transform.DeadCodeElimination(["main"])(rewriter.builder_.get()), params, {"chains": len(inputs)}
+    module = rewritten_main(rewriter, func)
+    return relax.transform.DeadCodeElimination(["main"])(module), params, {"chains": len(inputs)}
