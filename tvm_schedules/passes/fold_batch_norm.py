@@ -19,8 +19,8 @@ _BATCH_NORM = tvm.ir.Op.get("relax.nn.batch_norm")
 
 
 def find_batch_norms(func: relax.Function, param_names: set[str], keep: frozenset[str] = frozenset()
-                     ) -> dict[relax.Var, relax.Var]:
-    """{the normalized output (``bn[0]``): its batch_norm binding} for every batch_norm whose statistics and affine
+                     ) -> dict[relax.Var, relax.Call]:
+    """{the normalized output (``bn[0]``): its batch_norm call} for every batch_norm whose statistics and affine
     weights are parameters or constants, whose other outputs nothing reads, and none of whose bindings is named in ``keep``."""
     graph = Bindings(func, param_names)
     found = {}
@@ -34,7 +34,7 @@ def find_batch_norms(func: relax.Function, param_names: set[str], keep: frozense
         outputs = [u for u in items if graph.value[u].index == 0]
         unread = all(graph.value[u].index == 0 or not graph.users.get(u) for u in items)  # the batch statistics
         if len(items) == len(users) and outputs and unread and not any(v.name in keep for v in (var, *outputs)):
-            found.update({out: var for out in outputs})
+            found.update({out: value for out in outputs})
     return found
 
 
@@ -57,15 +57,15 @@ def scale_and_shift(call: relax.Call, params: dict[str, np.ndarray]) -> tuple[np
 
 @relax.expr_functor.mutator
 class _Folder(relax.PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, sites: dict, graph_values: dict, params: dict[str, np.ndarray]):
+    def __init__(self, mod: tvm.IRModule, sites: dict[relax.Var, relax.Call], params: dict[str, np.ndarray]):
         super().__init__(mod)
-        self.sites, self.values, self.params = sites, graph_values, params
+        self.sites, self.params = sites, params
         self.added: dict[str, tuple[relax.Var, np.ndarray]] = {}
 
-    def factors(self, bn: relax.Var, name: str) -> tuple[relax.Var, relax.Var]:
-        names = (f"{name}.scale", f"{name}.shift")
+    def factors(self, bn: relax.Call, output: str) -> tuple[relax.Var, relax.Var]:
+        names = (f"{output}.scale", f"{output}.shift")
         if names[0] not in self.added:
-            for name, array in zip(names, scale_and_shift(self.values[bn], self.params)):
+            for name, array in zip(names, scale_and_shift(bn, self.params)):
                 self.added[name] = (relax.Var(name, relax.TensorType(array.shape, str(array.dtype))), array)
         return tuple(self.added[name][0] for name in names)
 
@@ -74,7 +74,7 @@ class _Folder(relax.PyExprMutator):
         if bn is None:
             return super().visit_var_binding_(binding)
         scale, shift = self.factors(bn, binding.var.name)
-        x = self.visit_expr(self.values[bn].args[0])
+        x = self.visit_expr(bn.args[0])
         folded = self.builder_.emit(relax.op.add(relax.op.multiply(x, scale), shift), name_hint=binding.var.name)
         self.set_var_remap(binding.var, folded)
 
@@ -88,7 +88,7 @@ def fold_batch_norm(mod: tvm.IRModule, params: dict[str, np.ndarray], target: tv
     sites = find_batch_norms(func, set(params), keep)
     if not sites:
         return mod, params, {"sites": 0}
-    folder = _Folder(mod, sites, Bindings(func, set()).value, params)
+    folder = _Folder(mod, sites, params)
     module = rewritten_main(folder, func)
     new_mod, new_params = with_new_params(module, params, folder.added)
     return new_mod, new_params, {"sites": len(set(sites.values()))}
