@@ -46,8 +46,9 @@ def mixer():
     return tuning_module(BuildSpec("test_mixer", "x86"))
 
 
-# test_mixer's channel fc1 (with GELU) and its head, both workloads test_resmlp has too: --tasks 'fused_matmul[13]_*'
-TASKS = ("fused_matmul1_add4_divide1_erf1_add5_multiply2_multiply3", "fused_matmul3_add7")
+# test_mixer's channel fc1 (with GELU) and fc2 (with the residual add): --tasks 'fused_matmul[12]_*'. Not the head:
+# its default takes about 2 % of such a pair's time, so a noisy timing can make it negligible (NEGLIGIBLE_SHARE).
+TASKS = ("fused_matmul1_add4_divide1_erf1_add5_multiply2_multiply3", "fused_matmul2_add6_add3")
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def tuned(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     env = {**os.environ, "PIPELINE_CACHE_DIR": str(cache)}
     command = [sys.executable, "-m", "pipeline", "tune", "--model", "test_mixer", "--trials", "1",
-               "--tasks", "fused_matmul[13]_*"]
+               "--tasks", "fused_matmul[12]_*"]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
