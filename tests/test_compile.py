@@ -1,5 +1,6 @@
 """End-to-end compiles: real export, onnxsim, TVM build, and runs on this host or under qemu."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from conftest import ALL_TARGETS, DEFAULT_FULL_SIZE, FULL_SIZE_MODELS, TEST_MODE
 from pipeline.toolchain.elf import machine as elf_machine
 from pipeline.toolchain.cubin import cubin_info, cuda_device_code_format
 from pipeline.runtime import sha256_file
+from pipeline.tvm_targets import to_tvm_target
 
 # model.onnx, the unsimplified export, only with --keep-export
 EXPECTED_FILES = {"model.sim.onnx", "lib.so", "params.npz", "inputs.npz", "outputs.npz"}
@@ -45,8 +47,25 @@ def check_artifact(out, manifest):
     assert [p.name for p in out.parent.iterdir()] == [out.name]
 
 
-@pytest.mark.parametrize("target", ALL_TARGETS)
-@pytest.mark.parametrize("model", TEST_MODELS)
+def _builds_like_an_earlier_target(name: str) -> bool:
+    """A GPU target with the TVM target of one listed before it but for its host's core count (jetson-orin-nx has
+    the Orin Nano's, jetson-xavier-nx the AGX Xavier's): the same kernels and host code, under another name."""
+    def device_code(spec):
+        return spec.cuda is not None and re.sub(r'"num-cores":\d+', "", str(to_tvm_target(spec)))
+
+    codes = [device_code(t) for t in targets.list_targets()]
+    code = device_code(targets.get_target(name))
+    return bool(code) and codes.index(code) < ALL_TARGETS.index(name)
+
+
+# Such a target compiles test_cyclemlp (our kernels) by default, the other test variants under -m slow (the default
+# suite's budget).
+COMPILE_CASES = [pytest.param(model, target, marks=pytest.mark.slow if model != "test_cyclemlp"
+                              and _builds_like_an_earlier_target(target) else ())
+                 for model in TEST_MODELS for target in ALL_TARGETS]
+
+
+@pytest.mark.parametrize("model,target", COMPILE_CASES)
 def test_every_test_variant_compiles_for_every_target(compiled, model, target):
     out, manifest = compiled(model, target)
     check_artifact(out, manifest)

@@ -107,10 +107,12 @@ def test_sm72_nvrtc11():
     assert cuda_device_code_format(ex) == "cubin"
     assert cubin_info(s.outputs[0].cubin) == {"arch": "sm_72", "abi_version": 7, "toolkit": 118}
     assert_sane(s.outputs[0].kernel_resources(), 2)
-    # CUDA 12's cuda_fp16.h does not compile under NVRTC 11: a typed error, not a crash.
-    with pytest.raises(CudaToolchainError, match="half-precision"):
-        with aot_cuda("sm_72", "nvrtc-11"):
-            build(SM72_X86, "float16")
+    # float16 on tensor cores (Xavier's Volta HMMA): CUDA 12.6's cuda_fp16.h and mma.h under NVRTC 11.8
+    with aot_cuda("sm_72", "nvrtc-11") as s:
+        build(SM72_X86, "float16", rows=128)
+    assert "nvcuda::wmma" in s.outputs[0].source and "__half" in s.outputs[0].source
+    assert cubin_info(s.outputs[0].cubin)["toolkit"] == 118
+    assert_sane(s.outputs[0].kernel_resources(), 2)
 
 
 def test_fp16_nvrtc12():

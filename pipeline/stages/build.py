@@ -120,8 +120,8 @@ def build(mod: tvm.IRModule, target: TargetSpec, path: Path) -> dict:
         report["cuda"] = {
             "device_code": "cubin", "arch": target.cuda.arch, "compiler": cuda_session.toolchain.compiler,
             "toolchain": cuda_session.toolchain.name, "compiler_version": cuda_session.compiler_version,
-            # extra compiler options per CUDA module: SPILL_RETRY_OPTIONS where ptxas's default spilled, else none
-            "compiler_options": [list(out.options) for out in cuda_session.outputs],
+            # per CUDA module, what it was compiled again with because its code spilled (cuda_aot.SPILL_RETRIES)
+            "spill_retries": [[r.what for r in out.retries] for out in cuda_session.outputs],
             "min_driver": cuda_session.toolchain.min_driver, "jetpack": target.cuda.jetpack,
             "limits": {"max_threads_per_block": target.cuda.max_threads_per_block,
                        "max_shared_bytes": target.cuda.max_shared_bytes,

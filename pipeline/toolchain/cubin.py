@@ -54,8 +54,8 @@ def cubin_info(cubin: bytes) -> dict:
 
 
 def launch_bounds(cuda_source: str) -> dict[str, int]:
-    """kernel name -> N from TVM's `__global__ void __launch_bounds__(N) name(`."""
-    return {m[2]: int(m[1]) for m in re.finditer(r"__launch_bounds__\((\d+)\)\s+(\w+)\s*\(", cuda_source)}
+    """kernel name -> N from TVM's `__global__ void __launch_bounds__(N) name(` (or `(N, 1)`: SpillRetry)."""
+    return {m[2]: int(m[1]) for m in re.finditer(r"__launch_bounds__\((\d+)(?:,\s*\d+)?\)\s+(\w+)\s*\(", cuda_source)}
 
 
 def _section_size(secs: dict[str, elf.Section], name: str) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -23,22 +24,40 @@ from .cuda_toolchains import CudaToolchain, CudaToolchainError, UnknownToolchain
 from .nvrtc import nvrtc
 
 
-# ptxas's default optimization (-O3) can spill where -O2 does not: mixer_s16_224's channel fc2 with its residual add,
-# float16 on sm_87, under the register cap of its 512-thread block used 128 registers and 8 bytes of local memory
-# at -O3, 82 registers and none at -O2. A module whose -O3 code uses local memory is compiled again with these
-# options, and the result is kept if it uses less.
-SPILL_RETRY_OPTIONS = ("--ptxas-options=-O2",)
+@dataclass(frozen=True)
+class SpillRetry:
+    """A way to compile a module whose code uses local memory again."""
+
+    what: str  # as the manifest records it
+    options: tuple[str, ...] = ()  # added to NVRTC's
+    one_block_per_sm: bool = False  # the spilling kernels' __launch_bounds__(N) becomes (N, 1)
+
+
+# A module whose code uses local memory is compiled again with each retry in turn, each added to those before; the
+# first without local memory is kept, else the one with the least (else the first compile).
+SPILL_RETRIES = (
+    # With __launch_bounds__(N) alone, ptxas may cap registers so that two blocks fit an SM: a float16 tensor-core
+    # matmul (cyclemlp_b1's 3136x64x64) on sm_72, 512 threads, 64 registers and 8 bytes spilled; at (512, 1) 92
+    # registers and none. Its 73 KiB of shared memory let only one block on an sm_72 SM anyway.
+    SpillRetry("__launch_bounds__(N, 1) for the kernels that spilled", one_block_per_sm=True),
+    # -O3 can spill where -O2 does not: mixer_s16_224's float16 channel fc2 with its residual add on sm_87, at the
+    # 128-register cap of a 512-thread block (one per SM already): 8 bytes of local memory at -O3, none at -O2.
+    SpillRetry("ptxas -O2", options=("--ptxas-options=-O2",)),
+)
 
 
 @dataclass
 class CompiledCuda:
     cubin: bytes
-    source: str  # the CUDA C++ TVM generated
+    source: str  # the CUDA C++ compiled: TVM's, or a SpillRetry's edit of it
     log: str  # NVRTC/ptxas log (ptxas -v resource lines included)
-    options: tuple[str, ...] = ()  # what was passed besides the toolchain's options (SPILL_RETRY_OPTIONS or none)
+    retries: tuple[SpillRetry, ...] = ()  # the SPILL_RETRIES it was compiled with
 
     def kernel_resources(self) -> list[dict]:
         return kernel_resources(self.cubin, launch_bounds(self.source))
+
+    def local_bytes(self) -> int:
+        return sum(k["local_bytes"] for k in self.kernel_resources())
 
 
 @dataclass
@@ -49,8 +68,26 @@ class AotSession:
     outputs: list[CompiledCuda] = field(default_factory=list)
 
 
-def _local_bytes(compiled: CompiledCuda) -> int:
-    return sum(k["local_bytes"] for k in compiled.kernel_resources())
+def _one_block_per_sm(source: str, kernels: set[str]) -> str:
+    return re.sub(r"__launch_bounds__\((\d+)\)(\s+(\w+)\s*\()",
+                  lambda m: f"__launch_bounds__({m[1]}, 1){m[2]}" if m[3] in kernels else m[0], source)
+
+
+def compile_with_fewest_spills(compiler, source: str, arch: str) -> CompiledCuda:
+    """``source`` compiled for ``arch``, and again with SPILL_RETRIES while its code uses local memory."""
+    cubin, log = compiler.compile(source, arch)
+    best = tried = CompiledCuda(cubin, source, log)
+    for retry in SPILL_RETRIES:
+        if not best.local_bytes():
+            break
+        spilled = {k["name"] for k in tried.kernel_resources() if k["local_bytes"]}
+        edited = _one_block_per_sm(tried.source, spilled) if retry.one_block_per_sm else tried.source
+        retries = (*tried.retries, retry)
+        cubin, log = compiler.compile(edited, arch, tuple(o for r in retries for o in r.options))
+        tried = CompiledCuda(cubin, edited, log, retries)
+        if tried.local_bytes() < best.local_bytes():
+            best = tried
+    return best
 
 
 @contextlib.contextmanager
@@ -85,14 +122,7 @@ def aot_cuda(arch: str, toolchain: str = "nvrtc-12") -> Iterator[AotSession]:
             target_arch = getattr(target, "arch", None) if target is not None else None
             if isinstance(target_arch, str) and target_arch and target_arch != arch:
                 raise CudaToolchainError(f"aot_cuda({arch!r}) used for a target with arch {target_arch!r}")
-            cubin, log = compiler.compile(source, arch)
-            compiled = CompiledCuda(cubin, source, log)
-            spilled = _local_bytes(compiled)
-            if spilled:
-                cubin, log = compiler.compile(source, arch, SPILL_RETRY_OPTIONS)
-                retry = CompiledCuda(cubin, source, log, SPILL_RETRY_OPTIONS)
-                if _local_bytes(retry) < spilled:
-                    compiled = retry
+            compiled = compile_with_fewest_spills(compiler, source, arch)
         except CudaToolchainError as e:
             errors.append(e)  # crossing TVM's FFI turns it into a RuntimeError
             raise

@@ -66,15 +66,16 @@ TOOLCHAINS: dict[str, CudaToolchain] = {
         cuda_major=11,
         supported_archs=_SM(35, 37, 50, 52, 53, 60, 61, 62, 70, 72, 75, 80, 86, 87, 89, 90),
         min_driver="a CUDA 11.x driver (11.4 and later: minor-version compatibility with the 11.8 cubins)",
-        pip_packages=("nvidia-cuda-nvrtc-cu11", "nvidia-cuda-cccl-cu12"),
+        pip_packages=("nvidia-cuda-nvrtc-cu11", "nvidia-cuda-cccl-cu12", "nvidia-cuda-runtime-cu12",
+                      "nvidia-cuda-nvcc-cu12"),
         nvrtc_lib="libnvrtc.so.11.2",
         nvrtc_builtins="libnvrtc-builtins.so.11.8",
-        # NVRTC 11.8's default dialect is too old for CCCL 12.6's libcu++ ("requires C++11").
-        options=("-std=c++17",),
-        # CCCL 12.6's libcu++ compiles under NVRTC 11.8; CUDA 12.6's cuda_fp16.h does not
-        # (NV_IF_ELSE_TARGET errors), and the CUDA 11 headers would overwrite the CUDA 12
-        # ones (same pip install path), so half-precision kernels are unsupported here.
-        include_dirs=("cuda_cccl/include",),
+        # NVRTC 11.8's default dialect is too old for CCCL 12.6's libcu++ ("requires C++11"). CUDA 12.6's
+        # cuda_fp16.h (and the cuda_bf16.h and mma.h of half-precision and tensor-core kernels) compile under it
+        # once <nv/target> is included first: NVRTC 12 provides it implicitly, 11.8 does not, and libcu++ includes
+        # cuda_fp16.h before anything else would include it (NV_IF_ELSE_TARGET undefined).
+        options=("-std=c++17", "--pre-include=nv/target"),
+        include_dirs=("cuda_cccl/include", "cuda_runtime/include", "cuda_nvcc/include"),
     ),
 }
 

@@ -72,10 +72,7 @@ class Nvrtc:
             self.lib.nvrtcGetProgramLog(prog, buf)
             log = buf.value.decode(errors="replace")
             if rc != 0:
-                hint = ""
-                if "cuda_fp16.h" in log or "cuda_bf16.h" in log:
-                    hint = f" (half-precision headers are not available for {self.tc.name})"
-                raise CudaToolchainError(f"NVRTC {self.version} failed for {arch}{hint}:\n{log[-4000:]}")
+                raise CudaToolchainError(f"NVRTC {self.version} failed for {arch}:\n{log[-4000:]}")
             self._check(self.lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "nvrtcGetCUBINSize")
             out = ctypes.create_string_buffer(size.value)
             self._check(self.lib.nvrtcGetCUBIN(prog, out), "nvrtcGetCUBIN")
