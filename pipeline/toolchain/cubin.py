@@ -53,9 +53,14 @@ def cubin_info(cubin: bytes) -> dict:
     return {"arch": f"sm_{sm}", "abi_version": abiver, "toolkit": e_version if osabi == 0x33 else None}
 
 
+# TVM's `__global__ void __launch_bounds__(N) name(`, or `(N, M)` once a SpillRetry rewrote it: groups N, M (or
+# None), what follows the bounds up to the name's parenthesis, the name.
+LAUNCH_BOUNDS = re.compile(r"__launch_bounds__\((\d+)(?:,\s*(\d+))?\)(\s+(\w+)\s*\()")
+
+
 def launch_bounds(cuda_source: str) -> dict[str, int]:
-    """kernel name -> N from TVM's `__global__ void __launch_bounds__(N) name(` (or `(N, 1)`: SpillRetry)."""
-    return {m[2]: int(m[1]) for m in re.finditer(r"__launch_bounds__\((\d+)(?:,\s*\d+)?\)\s+(\w+)\s*\(", cuda_source)}
+    """kernel name -> N from its ``__launch_bounds__`` (``LAUNCH_BOUNDS``)."""
+    return {m[4]: int(m[1]) for m in LAUNCH_BOUNDS.finditer(cuda_source)}
 
 
 def _section_size(secs: dict[str, elf.Section], name: str) -> int:

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from .cubin import kernel_resources, launch_bounds
+from .cubin import LAUNCH_BOUNDS, kernel_resources, launch_bounds
 from .cuda_runtime import ensure_cuda_codegen_runtime
 from .cuda_toolchains import CudaToolchain, CudaToolchainError, UnknownToolchain, arch_problem, get_toolchain
 from .nvrtc import nvrtc
@@ -69,8 +68,8 @@ class AotSession:
 
 
 def _one_block_per_sm(source: str, kernels: set[str]) -> str:
-    return re.sub(r"__launch_bounds__\((\d+)\)(\s+(\w+)\s*\()",
-                  lambda m: f"__launch_bounds__({m[1]}, 1){m[2]}" if m[3] in kernels else m[0], source)
+    return LAUNCH_BOUNDS.sub(
+        lambda m: f"__launch_bounds__({m[1]}, 1){m[3]}" if m[4] in kernels and m[2] is None else m[0], source)
 
 
 def compile_with_fewest_spills(compiler, source: str, arch: str) -> CompiledCuda:
