@@ -180,7 +180,7 @@ def test_strided_overlapping_conv():
 # RowReduction and Injective
 
 
-@pytest.mark.parametrize("rows, width", [(196, 384), (7, 13)])
+@pytest.mark.parametrize("rows, width", [(196, 384), (7, 13), (196, 256)])
 def test_layer_norm(rows, width):
     def emit(x, g, b):
         return relax.op.nn.layer_norm(x, g, b, axes=[-1])
@@ -190,6 +190,8 @@ def test_layer_norm(rows, width):
     scheduled = check(emit, [(1, rows, width), (width,), (width,)], "RowReduction", ref, rtol=1e-4, atol=1e-5)
     if width % 16 == 0:  # both row sums (mean, variance) are vectors of partials, and so is the normalization
         assert vector_widths(scheduled).count(16) >= 3, scripts(scheduled)
+    if width == 256:  # weight and bias fill the 32 zmm registers: 7 rows (196 = 28 x 7) per channel panel
+        assert "T.unroll(T.int64(7))" in scripts(scheduled), scripts(scheduled)
 
 
 def vector_widths(mod: tvm.IRModule) -> list[int]:

@@ -8,7 +8,7 @@ The libraries are real builds for rpi5 (Cortex-A76), and with --fp16 for every A
 import pytest
 
 import targets
-from conftest import linker_available
+from conftest import imported_module, linker_available
 from pipeline.toolchain.fma_loops import analyze_disassembly, analyze_library, find_objdump
 
 # FMAs per instruction the register tiles must reach in a contraction's loop (the issue's goal on Arm).
@@ -50,35 +50,41 @@ def test_loops_spills_and_ratio_are_read_from_the_disassembly():
 
 
 def arm_library(model: str, target: str, fp16: bool, work):
-    """Front end, optimize and build for an Arm board (no verification: test_aarch64 runs the numerics under qemu)."""
+    """Front end, optimize and build a zoo model for an Arm board (no verification: test_aarch64 runs the numerics
+    under qemu)."""
     from pipeline.run import front_end, untimed
-    from pipeline.spec import BuildSpec, resolve_target
+    from pipeline.spec import BuildSpec
+
+    front = front_end(BuildSpec(model=model, target=target, fp16=fp16), work, untimed)
+    return arm_build(front.mod, front.params, target, fp16, work)
+
+
+def arm_build(mod, params, target: str, fp16: bool, work):
+    """Optimize and build ``mod`` for an Arm board: the library and the shapes of the functions the Contraction
+    rule scheduled, by name."""
+    import targets as target_specs
     from pipeline.stages.build import build
     from pipeline.stages.optimize import optimize
     from tvm import tirx
     from tvm_schedules.scheduled import scheduled_by
 
-    spec = BuildSpec(model=model, target=target, fp16=fp16)
-    front = front_end(spec, work, untimed)
-    mod, _params, _ = optimize(front.mod, front.params, resolve_target(spec), fp16)
-    build(mod, resolve_target(spec), work / "lib.so")
+    spec = target_specs.get_target(target)
+    mod, _params, _ = optimize(mod, params, spec, fp16)
+    build(mod, spec, work / "lib.so")
     marks = {gv.name_hint: scheduled_by(f) for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
     return work / "lib.so", {name: shape for name, (rule, shape) in marks.items() if rule == "Contraction"}
 
 
-@pytest.mark.parametrize("target,fp16", BUILDS)
-@pytest.mark.parametrize("model", [DEFAULT_MODEL, pytest.param("resmlp_12_224", marks=pytest.mark.slow),
-                                   pytest.param("cyclemlp_b1", marks=[pytest.mark.slow, pytest.mark.xfail(
-                                       strict=True, reason="its 7x7/s4 stem over 3 channels (no reduction axis to "
-                                       "read the tile rows along as vectors: 18 stack accesses per loop) and its "
-                                       "64-channel LayerNorm (LLVM hoists the 32 weight and bias vectors out of the "
-                                       "row loop: 19) still spill")])])
-def test_arm_fma_loops_do_not_spill_and_keep_the_fma_pipes_busy(model, target, fp16, tmp_path):
+def needs_arm_tools():
     if find_objdump() is None:
         pytest.skip("llvm-objdump not installed (apt-get install llvm)")
     if not linker_available():
         pytest.skip("no aarch64 linker: run scripts/setup_aarch64_runtime.sh")
-    lib, contractions = arm_library(model, target, fp16, tmp_path)
+
+
+def assert_fma_loops_fit(lib, contractions: dict, fp16: bool) -> None:
+    """No FMA loop of the library spills, and every matrix-matrix contraction's loops reach
+    MIN_FMLA_PER_INSTRUCTION in the precision built."""
     result = analyze_library(lib)
     assert result.undecoded == 0
     spilling = [loop.as_dict() for loop in result.loops if loop.spills]
@@ -97,3 +103,42 @@ def test_arm_fma_loops_do_not_spill_and_keep_the_fma_pipes_busy(model, target, f
             assert loop.arrangements == {wanted}, described
     if fp16:
         assert result.fmla_by_arrangement["8h"] > 0
+
+
+@pytest.mark.parametrize("target,fp16", BUILDS)
+@pytest.mark.parametrize("model", [DEFAULT_MODEL, pytest.param("resmlp_12_224", marks=pytest.mark.slow),
+                                   pytest.param("cyclemlp_b1", marks=pytest.mark.slow)])
+def test_arm_fma_loops_do_not_spill_and_keep_the_fma_pipes_busy(model, target, fp16, tmp_path):
+    needs_arm_tools()
+    assert_fma_loops_fit(*arm_library(model, target, fp16, tmp_path), fp16)
+
+
+@pytest.mark.parametrize("stride,padding,channels", [(4, 2, 64), (7, 0, 768)], ids=["cyclemlp-stem", "convmixer-stem"])
+def test_a_conv_over_three_channels_does_not_spill(stride, padding, channels, tmp_path):
+    """A patch embedding over RGB: no reduction axis (3 channels, 7 rows, 7 columns) divides by 4 to read the tile
+    rows as vectors. CycleMLP's 7x7/s4 windows overlap along kx: there LLVM kept an 8-row tile's 35 input values live
+    across the unrolled kx loop (18 stack accesses per loop), so ky goes innermost and each row's value is broadcast
+    and used at once. ConvMixer's 7x7/s7 windows do not overlap: each row's 7 values along kx are loaded as vectors
+    and kept, so they still count as row registers (taken as broadcasts, its 8x3 tile spilled 35)."""
+    import torch
+
+    needs_arm_tools()
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, channels, 7, stride=stride, padding=padding)
+    mod, params, _inputs, _reference = imported_module(conv, (1, 3, 224, 224), tmp_path)
+    assert_fma_loops_fit(*arm_build(mod, params, "rpi5", False, tmp_path), fp16=False)
+
+
+@pytest.mark.parametrize("channels,fp16", [(64, False), (128, True)], ids=["64-fp32", "128-fp16"])
+def test_a_layer_norm_whose_weights_fill_the_registers_does_not_spill(channels, fp16, tmp_path):
+    """CycleMLP's first-stage LayerNorm: its weight and bias fill the 32 NEON registers (64 channels in float32; 128
+    in a float16 build, whose 8-lane cast vectors are computed as two float32 registers). LLVM unrolls the short
+    channel loop whole and hoists both out of the row loop (19 and 127 stack accesses per loop), so blocks of rows
+    are normalized channel panel by channel panel. The Linear after it gives the library a contraction to judge."""
+    import torch
+
+    needs_arm_tools()
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.LayerNorm(channels), torch.nn.Linear(channels, channels))
+    mod, params, _inputs, _reference = imported_module(block, (1, 28 * 28, channels), tmp_path)
+    assert_fma_loops_fit(*arm_build(mod, params, "rpi5", fp16, tmp_path), fp16)

@@ -34,7 +34,7 @@ How it schedules (the model is the CycleFC kernel's CPU schedule, ``tvm_schedule
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import tvm
 from tvm import s_tir, tirx
@@ -107,6 +107,13 @@ def _in_loop_order(dims: list[int], indices, reduce_order) -> list[int]:
             if isinstance(indices[d], tirx.Var) and indices[d].same_as(var)}
     ranked = iter(sorted(rank, key=rank.get))
     return [next(ranked) if d in rank else d for d in dims]
+
+
+def _windows_overlap(op: _Operand, iv, u_iv) -> bool:
+    """Whether the windows that neighbouring rows ``u_iv`` read of ``op`` along reduction ``iv`` overlap: a
+    convolution's kernel axis, where row u reads u * stride + k, with stride < kernel size."""
+    step, row_step, ext = op.strides.get(iv.var), op.strides.get(u_iv.var), int(iv.dom.extent)
+    return bool(step) and bool(row_step) and ext > 1 and row_step % step == 0 and row_step // step < ext
 
 
 def _is_affine_copy(block) -> bool:
@@ -206,21 +213,33 @@ class Contraction(CPURule):
         weights = _layout_free_buffers(sch.mod["main"])
         streams_weight = any(op.strides.get(v_iv.var) == 1 and any(op.load.source.same_as(w) for w in weights)
                              for op in operands)  # the vector operand is a weight: see isa.MAX_STACK_ALLOCA_BYTES
-        mr, nv = gemm_tiles(u_ext, v_ext, vec, cpu_vector_registers(target), acc_bytes, isa,
-                            MAX_STACK_ALLOCA_BYTES - 1 if streams_weight else None)
-        tile = {v_iv.var: nv * vec if w_iv is None else vec}
-        if u_iv is not None:
-            tile[u_iv.var] = mr
         # a broadcast operand read by row vectors (below) keeps its rows contiguous along the last reduction axis
-        reordered = []  # the reduction vars in their new loop order, if _rows_read_along_last moved one
+        reordered = []  # the reduction vars in their new loop order, if they were reordered for the rows' reads
         if isa.row_registers and reduce_:
             in_order = reduce_
             reduce_ = self._rows_read_along_last(reduce_, operands, v_iv.var, isa.k_unroll)
             reordered = [iv.var for iv in reduce_] if reduce_ != in_order else []
-        rows_read_along = reduce_[-1].var if isa.row_registers and reduce_ else None
         slide = self._sliding_reduction(reduce_, u_iv, operands, v_iv.var)
         if slide is not None:
             reduce_ = [iv for iv in reduce_ if iv is not slide] + [slide]
+        k_unroll = 1 if not reduce_ or slide is not None else pow2_divisor(int(reduce_[-1].dom.extent), isa.k_unroll)
+        tile_isa = isa
+        if isa.row_registers and reduce_ and k_unroll == 1 and slide is None:
+            # No reduction axis to read the rows along as vectors. Neighbouring rows' overlapping windows must not be
+            # innermost, where LLVM keeps the overlapping values live across the unrolled loop (cyclemlp_b1's 7x7/s4
+            # stem, kx innermost: 35 input values for an 8-row tile, 18 stack accesses per loop on rpi5).
+            reduce_ = self._window_overlap_outside(reduce_, u_iv, operands, v_iv.var)
+            reordered = [iv.var for iv in reduce_] if reduce_ != in_order else []
+            if not any(op.strides[v_iv.var] == 0 and op.strides[reduce_[-1].var] == 1 for op in operands):
+                # each row's value is then broadcast and used at once, as on x86: the rows take no register each
+                # (where a row's values are contiguous, LLVM loads them as vectors and keeps them, as row registers)
+                tile_isa = replace(isa, k_unroll=1, row_registers=False)
+        rows_read_along = reduce_[-1].var if isa.row_registers and reduce_ else None
+        mr, nv = gemm_tiles(u_ext, v_ext, vec, cpu_vector_registers(target), acc_bytes, tile_isa,
+                            MAX_STACK_ALLOCA_BYTES - 1 if streams_weight else None)
+        tile = {v_iv.var: nv * vec if w_iv is None else vec}
+        if u_iv is not None:
+            tile[u_iv.var] = mr
         self._pack_operands(sch, main, operands, plan, u_iv.var if u_iv is not None else None, tile, rows_read_along,
                             reordered)
         if u_iv is not None and reduce_ and -(-u_ext // mr) >= PANEL_MIN_ROW_TILES:
@@ -249,8 +268,6 @@ class Contraction(CPURule):
         sch.reorder(*outer, *reduce_loops, *tile_loops)
         if slide is not None:  # innermost of the reduction loops, and unrolled: see _sliding_reduction
             sch.unroll(reduce_loops[-1])
-        k_unroll = 1 if not reduce_loops or slide is not None else \
-            pow2_divisor(static_extent(sch, reduce_loops[-1]) or 1, isa.k_unroll)
         if k_unroll > 1:  # unrolled inside the tile loops, so each row's broadcasts load as one vector
             reduce_loops[-1:] = sch.split(reduce_loops[-1], [None, k_unroll])
             sch.unroll(reduce_loops[-1])
@@ -326,14 +343,24 @@ class Contraction(CPURule):
         if u_iv is None:
             return None
         for op in operands:
-            if op.strides.get(v) != 1 or not op.strides.get(u_iv.var):
+            if op.strides.get(v) != 1:
                 continue
             for iv in reduce_:
-                step, ext = op.strides.get(iv.var), int(iv.dom.extent)
-                if step and 1 < ext <= MAX_SLIDE_UNROLL and op.strides[u_iv.var] % step == 0 \
-                        and op.strides[u_iv.var] // step < ext:
+                if int(iv.dom.extent) <= MAX_SLIDE_UNROLL and _windows_overlap(op, iv, u_iv):
                     return iv
         return None
+
+    @staticmethod
+    def _window_overlap_outside(reduce_, u_iv, operands, v):
+        """The reduction iters in loop order, with the innermost moved out when neighbouring rows' windows overlap
+        along it in a broadcast operand (a strided conv's kx, where output column x reads input column
+        x * stride + kx): the last iter without such an overlap goes innermost instead (ky)."""
+        broadcast = [op for op in operands if op.strides.get(v) == 0]
+        if u_iv is None or not any(_windows_overlap(op, reduce_[-1], u_iv) for op in broadcast):
+            return reduce_
+        inner = next((iv for iv in reversed(reduce_) if not any(_windows_overlap(op, iv, u_iv) for op in broadcast)),
+                     None)
+        return reduce_ if inner is None else [iv for iv in reduce_ if iv is not inner] + [inner]
 
     @staticmethod
     def _rows_read_along_last(reduce_, operands, v, k_unroll: int):
