@@ -21,7 +21,7 @@ from pipeline.stages.relax_import import import_onnx
 from pipeline.toolchain import cuda_toolchains
 from pipeline.toolchain.cuda_aot import aot_cuda
 from pipeline.toolchain.cuda_toolchains import find_in_nvidia
-from pipeline.toolchain.sass import parse_tensor_core_ops, tool_problem
+from pipeline.toolchain.sass import parse_tensor_core_ops, ptx_tensor_core_ops, tool_problem
 from tvm.s_tir import dlight as dl
 from tvm_schedules.apply import apply_rules
 from tvm_schedules.cuda import apply_default_schedules
@@ -172,9 +172,12 @@ def test_a_49_row_float16_matmul_runs_on_tensor_cores_within_every_limit(arch, t
     [kernel] = report["kernels"]
     assert kernel["rule"] == "TensorCoreMatmul" and kernel_limit_violations(report["kernels"], target.cuda) == []
     assert report["schedule_gaps"] == []
-    # CUDA 13's nvdisasm (the pinned SASS reader) no longer reads sm_72 code: there the build says so
+    # CUDA 13's nvdisasm (the pinned SASS reader) no longer reads sm_72 code: there the build says so and reads the
+    # PTX that ptxas compiled instead
     if arch == "sm_72":
-        assert kernel["tensor_cores"] is None and "SM72" in report["per_inference"]["sass"]
+        assert "SM72" in report["per_inference"]["sass"] and "PTX" in report["per_inference"]["sass"]
+        assert kernel["tensor_cores"] is True
+        assert any(op.startswith("wmma.mma.sync") for op in kernel["tensor_core_ops"]), kernel["tensor_core_ops"]
     else:
         assert any(op.startswith("HMMA") for op in kernel["tensor_core_ops"])
 
@@ -229,3 +232,45 @@ def test_sass_parser():
         /*0010*/                   FADD R4, R8, R12 ;                              /* 0x000000 */
 """
     assert parse_tensor_core_ops(sass) == {"mm_kernel": ["HGMMA.64x64x16.F32", "HMMA.16816.F32"], "add_kernel": []}
+
+
+def test_ptx_parser():
+    ptx = """
+.visible .entry mm_kernel(
+	.param .u64 mm_kernel_param_0
+)
+{
+	@%p1 wmma.mma.sync.aligned.row.col.m16n16k16.f32.f32 {%f2, %f3}, {%r2, %r3}, {%r10, %r11}, {%f1, %f1};
+	mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%f4, %f5, %f6, %f7}, {%r1, %r2, %r3, %r4}, {%r5, %r6}, {%f4};
+	wmma.load.a.sync.aligned.row.m16n16k16.global.f16 {%r2, %r3}, [%rd6], %r1;
+}
+.visible .entry add_kernel(
+	.param .u64 add_kernel_param_0
+)
+{
+	add.f32 %f1, %f2, %f3;
+}
+"""
+    assert ptx_tensor_core_ops(ptx) == {
+        "mm_kernel": ["mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32",
+                      "wmma.mma.sync.aligned.row.col.m16n16k16.f32.f32"], "add_kernel": []}
+
+
+@pytest.mark.parametrize("arch", ["sm_87", "sm_90"])
+def test_the_ptx_names_the_kernels_whose_sass_runs_on_tensor_cores(arch):
+    """Where both can be read, the PTX reader (what sm_72 builds rely on) agrees with the SASS kernel by kernel: a
+    float16 matmul on tensor cores, a 16-row one and a float32 one on CUDA cores."""
+    from pipeline.toolchain.sass import tensor_core_ops
+    from pipeline.tvm_targets import to_tvm_target
+
+    seen = set()
+    with aot_cuda(arch) as session:
+        for m, n, k, dtype in [(*FLOAT16_MATMULS[2], "float16"), (16, 512, 512, "float16"), (64, 64, 64, "float32")]:
+            mod, target = scheduled_matmul(m, n, k, arch, dtype)
+            tvm_target = to_tvm_target(target)
+            tvm.compile(mod, tvm_target, relax_pipeline=relax.get_default_pipeline(tvm_target))
+    for out in session.outputs:
+        sass = {name: bool(ops) for name, ops in tensor_core_ops(out.cubin).items()}
+        assert sass and {name: bool(ops) for name, ops in ptx_tensor_core_ops(out.ptx).items()} == sass
+        seen |= set(sass.values())
+    assert seen == {True, False}

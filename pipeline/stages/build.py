@@ -23,10 +23,10 @@ from tvm_schedules.passes.small_buffers_on_stack import TIR_PIPELINE
 from ..errors import BuildError
 from ..toolchain import dynamic_shared
 from ..toolchain.cross_link import cross_linker
-from ..toolchain.cuda_aot import CudaToolchainError, aot_cuda
+from ..toolchain.cuda_aot import CompiledCuda, CudaToolchainError, aot_cuda
 from ..toolchain.kernel_limits import kernel_limit_violations, with_dynamic_shared_bytes
 from ..toolchain.native_runner import python_only_builtins
-from ..toolchain.sass import SassUnavailable, tensor_core_ops
+from ..toolchain.sass import SassUnavailable, ptx_tensor_core_ops, tensor_core_ops
 from ..tvm_targets import to_tvm_target
 
 
@@ -64,15 +64,19 @@ def _launches(executable) -> Counter:
     return Counter(m[1] for line in executable.as_text().splitlines() if (m := _CALL.match(line)))
 
 
-def describe_kernels(mod: tvm.IRModule, executable, kernels: list[dict], cubins: list[bytes]) -> tuple[list[dict], dict]:
+def describe_kernels(mod: tvm.IRModule, executable, kernels: list[dict], compiled: list[CompiledCuda]
+                     ) -> tuple[list[dict], dict]:
     """Each kernel with the function it came from, the rule that scheduled it, its contraction shape and
-    whether its SASS has tensor-core instructions; and the launches per inference."""
+    whether its SASS has tensor-core instructions (where the SASS cannot be read here: its PTX); and the launches
+    per inference."""
     marks = {gv.name_hint: scheduled_by(f) for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
     try:
-        ops = {name: o for cubin in cubins for name, o in tensor_core_ops(cubin).items()}
+        ops = {name: o for out in compiled for name, o in tensor_core_ops(out.cubin).items()}
         sass_note = "read with cuobjdump -sass"
     except SassUnavailable as e:
-        ops, sass_note = None, f"not read: {e}"
+        ops = {name: o for out in compiled for name, o in ptx_tensor_core_ops(out.ptx).items()}
+        sass_note = (f"not read: {e}; tensor_cores read from the PTX ptxas compiled (wmma.mma / mma.sync / wgmma, "
+                     "which it compiles to tensor-core instructions alone)")
     calls = _launches(executable)
     out = []
     for k in kernels:
@@ -80,8 +84,7 @@ def describe_kernels(mod: tvm.IRModule, executable, kernels: list[dict], cubins:
         rule, shape = marks.get(function, (None, None))
         out.append({**k, "function": function, "rule": rule or "dlight (build pipeline)", "contraction": shape,
                     "launches": calls[function],
-                    "tensor_core_ops": None if ops is None else ops.get(k["name"], []),
-                    "tensor_cores": None if ops is None else bool(ops.get(k["name"]))})
+                    "tensor_core_ops": ops.get(k["name"], []), "tensor_cores": bool(ops.get(k["name"]))})
     return out, {"kernel_launches": sum(k["launches"] for k in out), "sass": sass_note}
 
 
@@ -116,7 +119,7 @@ def build(mod: tvm.IRModule, target: TargetSpec, path: Path) -> dict:
         violations = kernel_limit_violations(kernels, target.cuda)
         if violations:
             raise BuildError(f"{len(violations)} CUDA kernel(s) exceed {target.name}'s limits: " + "; ".join(violations[:5]))
-        kernels, per_inference = describe_kernels(mod, executable, kernels, [out.cubin for out in cuda_session.outputs])
+        kernels, per_inference = describe_kernels(mod, executable, kernels, cuda_session.outputs)
         report["cuda"] = {
             "device_code": "cubin", "arch": target.cuda.arch, "compiler": cuda_session.toolchain.compiler,
             "toolchain": cuda_session.toolchain.name, "compiler_version": cuda_session.compiler_version,

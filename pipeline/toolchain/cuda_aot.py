@@ -48,6 +48,7 @@ SPILL_RETRIES = (
 @dataclass
 class CompiledCuda:
     cubin: bytes
+    ptx: str  # what ptxas compiled the cubin from
     source: str  # the CUDA C++ compiled: TVM's, or a SpillRetry's edit of it
     log: str  # NVRTC/ptxas log (ptxas -v resource lines included)
     retries: tuple[SpillRetry, ...] = ()  # the SPILL_RETRIES it was compiled with
@@ -74,16 +75,16 @@ def _one_block_per_sm(source: str, kernels: set[str]) -> str:
 
 def compile_with_fewest_spills(compiler, source: str, arch: str) -> CompiledCuda:
     """``source`` compiled for ``arch``, and again with SPILL_RETRIES while its code uses local memory."""
-    cubin, log = compiler.compile(source, arch)
-    best = tried = CompiledCuda(cubin, source, log)
+    cubin, ptx, log = compiler.compile(source, arch)
+    best = tried = CompiledCuda(cubin, ptx, source, log)
     for retry in SPILL_RETRIES:
         if not best.local_bytes():
             break
         spilled = {k["name"] for k in tried.kernel_resources() if k["local_bytes"]}
         edited = _one_block_per_sm(tried.source, spilled) if retry.one_block_per_sm else tried.source
         retries = (*tried.retries, retry)
-        cubin, log = compiler.compile(edited, arch, tuple(o for r in retries for o in r.options))
-        tried = CompiledCuda(cubin, edited, log, retries)
+        cubin, ptx, log = compiler.compile(edited, arch, tuple(o for r in retries for o in r.options))
+        tried = CompiledCuda(cubin, ptx, edited, log, retries)
         if tried.local_bytes() < best.local_bytes():
             best = tried
     return best

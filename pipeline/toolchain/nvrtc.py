@@ -45,9 +45,9 @@ class Nvrtc:
             self.lib.nvrtcGetErrorString.restype = ctypes.c_char_p
             raise CudaToolchainError(f"{what} failed: {self.lib.nvrtcGetErrorString(rc).decode()}")
 
-    def compile(self, source: str, arch: str, extra_options: tuple[str, ...] = ()) -> tuple[bytes, str]:
-        """Compile CUDA C++ to a cubin for `arch` (sm_XY), with `extra_options` after ours. Returns (cubin, NVRTC
-        log)."""
+    def compile(self, source: str, arch: str, extra_options: tuple[str, ...] = ()) -> tuple[bytes, str, str]:
+        """Compile CUDA C++ to a cubin for `arch` (sm_XY), with `extra_options` after ours. Returns (cubin, the PTX
+        ptxas compiled it from, NVRTC log)."""
         prog = ctypes.c_void_p()
         self._check(
             self.lib.nvrtcCreateProgram(ctypes.byref(prog), _NVRTC_PREAMBLE.encode() + source.encode(),
@@ -76,7 +76,10 @@ class Nvrtc:
             self._check(self.lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "nvrtcGetCUBINSize")
             out = ctypes.create_string_buffer(size.value)
             self._check(self.lib.nvrtcGetCUBIN(prog, out), "nvrtcGetCUBIN")
-            return out.raw, log
+            self._check(self.lib.nvrtcGetPTXSize(prog, ctypes.byref(size)), "nvrtcGetPTXSize")
+            ptx = ctypes.create_string_buffer(size.value)
+            self._check(self.lib.nvrtcGetPTX(prog, ptx), "nvrtcGetPTX")
+            return out.raw, ptx.value.decode(errors="replace"), log
         finally:
             self.lib.nvrtcDestroyProgram(ctypes.byref(prog))
 

@@ -3,7 +3,10 @@ nvidia-cuda-nvdisasm beside it, both pinned in pyproject's [test] extra).
 
 A kernel uses tensor cores when its machine code has a matrix-multiply-accumulate instruction: HMMA (float16 /
 bfloat16 / tf32: wmma and mma.sync, sm_70+), IMMA (int8), BMMA / DMMA, or the sm_90 warpgroup forms (HGMMA,
-IGMMA, ...). That is read from the cubin that will run, not inferred from the CUDA source.
+IGMMA, ...). That is read from the cubin that will run, not inferred from the CUDA source. Where the pinned tools
+cannot read the SASS (CUDA 13's nvdisasm reads no sm_72 code, or they are not installed), ``ptx_tensor_core_ops``
+reads the PTX that ptxas compiled the cubin from: its ``wmma.mma`` / ``mma.sync`` / ``wgmma`` instructions, which
+ptxas compiles to those instructions alone on sm_70 and later (it has no other lowering of them).
 """
 from __future__ import annotations
 
@@ -20,6 +23,12 @@ TENSOR_CORE_OPCODES = frozenset({"HMMA", "IMMA", "BMMA", "DMMA", "HGMMA", "IGMMA
 _FUNCTION = re.compile(r"^\s*Function : (\S+)\s*$")
 # "/*0af0*/   @!P0 HMMA.16816.F32 R4, R8, R12, R4 ;": the opcode after the address and an optional predicate
 _INSTRUCTION = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)((?:\.[A-Za-z0-9_]+)*)")
+
+
+# PTX: ".visible .entry name(" opens a kernel; "@%p1 wmma.mma.sync.aligned.row.col.m16n16k16.f32.f32 {..." one of
+# the matrix multiply-accumulates
+_PTX_ENTRY = re.compile(r"^\s*(?:\.visible\s+|\.weak\s+)?\.entry\s+(\w+)\s*\(")
+_PTX_MMA = re.compile(r"^\s*(?:@!?%\w+\s+)?((?:wmma\.mma|mma|wgmma\.mma_async)\.[\w.]+)")
 
 
 class SassUnavailable(Exception):
@@ -63,3 +72,18 @@ def tensor_core_ops(cubin: bytes) -> dict[str, list[str]]:
     if out.returncode != 0:
         raise SassUnavailable(f"cuobjdump -sass failed: {out.stderr.strip()[:300]}")
     return parse_tensor_core_ops(out.stdout)
+
+
+def ptx_tensor_core_ops(ptx: str) -> dict[str, list[str]]:
+    """kernel name -> the distinct matrix multiply-accumulate instructions of its PTX (empty: none)."""
+    kernels: dict[str, set[str]] = {}
+    current = None
+    for line in ptx.splitlines():
+        entry = _PTX_ENTRY.match(line)
+        if entry:
+            current = kernels.setdefault(entry[1], set())
+            continue
+        mma = _PTX_MMA.match(line)
+        if mma and current is not None:
+            current.add(mma[1])
+    return {name: sorted(ops) for name, ops in kernels.items()}
