@@ -14,6 +14,7 @@ import re
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from .cuda_toolchains import find_in_nvidia
 
@@ -43,19 +44,29 @@ def tool_problem() -> str | None:
     return None
 
 
-def parse_tensor_core_ops(sass: str) -> dict[str, list[str]]:
-    """kernel name -> the distinct tensor-core instructions (opcode with modifiers) in ``cuobjdump -sass`` output."""
+def _ops_by_kernel(text: str, header: re.Pattern, instruction: Callable[[str], str | None]) -> dict[str, list[str]]:
+    """kernel name (what ``header`` matched) -> the distinct instructions ``instruction`` names in the lines under it."""
     kernels: dict[str, set[str]] = {}
     current = None
-    for line in sass.splitlines():
-        function = _FUNCTION.match(line)
-        if function:
-            current = kernels.setdefault(function[1], set())
+    for line in text.splitlines():
+        opened = header.match(line)
+        if opened:
+            current = kernels.setdefault(opened[1], set())
             continue
-        instruction = _INSTRUCTION.match(line)
-        if instruction and current is not None and instruction[1] in TENSOR_CORE_OPCODES:
-            current.add(instruction[1] + instruction[2])
+        op = instruction(line)
+        if op and current is not None:
+            current.add(op)
     return {name: sorted(ops) for name, ops in kernels.items()}
+
+
+def _sass_tensor_core_op(line: str) -> str | None:
+    instruction = _INSTRUCTION.match(line)
+    return instruction[1] + instruction[2] if instruction and instruction[1] in TENSOR_CORE_OPCODES else None
+
+
+def parse_tensor_core_ops(sass: str) -> dict[str, list[str]]:
+    """kernel name -> the distinct tensor-core instructions (opcode with modifiers) in ``cuobjdump -sass`` output."""
+    return _ops_by_kernel(sass, _FUNCTION, _sass_tensor_core_op)
 
 
 def tensor_core_ops(cubin: bytes) -> dict[str, list[str]]:
@@ -76,14 +87,4 @@ def tensor_core_ops(cubin: bytes) -> dict[str, list[str]]:
 
 def ptx_tensor_core_ops(ptx: str) -> dict[str, list[str]]:
     """kernel name -> the distinct matrix multiply-accumulate instructions of its PTX (empty: none)."""
-    kernels: dict[str, set[str]] = {}
-    current = None
-    for line in ptx.splitlines():
-        entry = _PTX_ENTRY.match(line)
-        if entry:
-            current = kernels.setdefault(entry[1], set())
-            continue
-        mma = _PTX_MMA.match(line)
-        if mma and current is not None:
-            current.add(mma[1])
-    return {name: sorted(ops) for name, ops in kernels.items()}
+    return _ops_by_kernel(ptx, _PTX_ENTRY, lambda line: (mma := _PTX_MMA.match(line)) and mma[1])
