@@ -236,7 +236,8 @@ class Contraction(CPURule):
                 tile_isa = replace(isa, k_unroll=1, row_registers=False)
         rows_read_along = reduce_[-1].var if isa.row_registers and reduce_ else None
         mr, nv = gemm_tiles(u_ext, v_ext, vec, cpu_vector_registers(target), acc_bytes, tile_isa,
-                            MAX_STACK_ALLOCA_BYTES - 1 if streams_weight else None)
+                            MAX_STACK_ALLOCA_BYTES - 1 if streams_weight else None,
+                            int(slide.dom.extent) if slide is not None else 0)
         tile = {v_iv.var: nv * vec if w_iv is None else vec}
         if u_iv is not None:
             tile[u_iv.var] = mr
