@@ -484,7 +484,14 @@ class Contraction(CPURule):
             rows = sch.cache_read(main, read_index, CPU_ACC_SCOPE)
             depth = 1 + [sch.get(lp).same_as(sch.get(k_outer)) for lp in sch.get_loops(main)].index(True)
             sch.compute_at(rows, k_outer, preserve_unit_loops=True)
-            *row_loops, inner = sch.get_loops(rows)[depth:]
+            # the copy's loop along k innermost: a weight's unit dims (a 1x1 conv's [o, c, 1, 1]) left it outside a
+            # vectorized unit loop, and its 4 values were loaded one by one (ConvMixer's 1x1 convs on rpi5: 32 ldr s
+            # per 64 fmla, 0.60 fmla per instruction)
+            loops = sch.get_loops(rows)[depth:]  # compute_at made one per dim of the operand, in order
+            k_dim = _pure_index_dim(load, k)
+            inner = loops[k_dim] if k_dim is not None else loops[-1]
+            row_loops = [lp for lp in loops if not sch.get(lp).same_as(sch.get(inner))]
+            sch.reorder(*row_loops, inner)
             for loop in row_loops:
                 sch.unroll(loop)
             sch.vectorize(inner)
