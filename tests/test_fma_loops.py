@@ -162,13 +162,15 @@ def test_a_9x9_depthwise_conv_tile_reads_few_enough_input_rows(tmp_path):
         [loop.as_dict() for loop in result.loops_of(name)]
 
 
-def test_a_1x1_conv_reads_its_weight_rows_as_vectors(tmp_path):
+@pytest.mark.parametrize("size", [16, 32])
+def test_a_1x1_conv_reads_its_weight_rows_as_vectors_and_keeps_its_tile_in_registers(size, tmp_path):
     """A 1x1 conv's weight [o, c, 1, 1]: each tile row's 4 input-channel values are one vector load read by lane, as
     for a matmul's weight; the unit dims had left them to 4 scalar loads (ConvMixer's 1x1 convs on rpi5: 0.60 fmla per
-    instruction, now 0.80)."""
+    instruction, now 0.80). Its accumulator is indexed by the fused pixel the tile runs along: indexed by (y, x), its
+    tile's region came out 17 rows tall at 16x16, a buffer LLVM left in memory (a load and a store per fmla: 0.32)."""
     import torch
 
     needs_arm_tools()
     torch.manual_seed(0)
-    mod, params, _inputs, _reference = imported_module(torch.nn.Conv2d(256, 256, 1), (1, 256, 32, 32), tmp_path)
+    mod, params, _inputs, _reference = imported_module(torch.nn.Conv2d(256, 256, 1), (1, 256, size, size), tmp_path)
     assert_fma_loops_fit(*arm_build(mod, params, "rpi5", False, tmp_path), fp16=False)
