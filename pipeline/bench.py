@@ -248,6 +248,44 @@ def reference_args(dev) -> list:
 
 REFERENCE_HOW = f"TVM float32 matmul {REFERENCE_SIZE}^3 (parallel rows, 16-wide vectors), time_evaluator"
 
+# The FMA probe: per thread, FMA_CHAINS independent vector accumulators (more than FMA latency x FMA pipes on
+# the cores we target: 4 x 2) each updated FMA_STEPS times, nothing else: no load, no store in the loop.
+FMA_CHAINS = 12
+FMA_STEPS = 1 << 20
+
+
+def fma_peak_gflops(threads: int, target_name: str = "x86", repeats: int = 5) -> float:
+    """This CPU's float32 FMA rate on ``threads`` threads (best of ``repeats``), the limit no kernel passes:
+    unlike a library's matmul (torch.mm ran 1.4-2.2x slower than our kernels on a Zen 5), it measures only the
+    cores' vector units at the clock they sustain under load. Needs TVM's pool sized first (configure_threads)."""
+    import tvm
+    from tvm.script import tirx as T
+    from tvm_schedules.cpu.isa import cpu_vector_lanes
+
+    target = tvm.target.Target(targets.get_target(target_name).tvm_target)
+    lanes = cpu_vector_lanes(target)
+    width = FMA_CHAINS * lanes
+
+    @T.prim_func
+    def main(out: T.Buffer((threads, width), "float32"), b: T.float32, c: T.float32):
+        T.func_attr({"global_symbol": "main", "tir.noalias": True})
+        for t in T.parallel(threads):
+            acc = T.alloc_buffer((width,), "float32", scope="local")  # a stack array LLVM keeps in registers
+            for i in T.vectorized(width):
+                acc[i] = T.float32(0)
+            for _ in range(FMA_STEPS):
+                for chain in T.unroll(FMA_CHAINS):
+                    for lane in T.vectorized(lanes):
+                        acc[chain * lanes + lane] = acc[chain * lanes + lane] * b + c
+            for i in T.vectorized(width):
+                out[t, i] = acc[i]
+
+    lib = tvm.compile(tvm.IRModule({"main": main}), target=target).mod
+    dev = tvm.cpu()
+    out = tvm.runtime.tensor(np.zeros((threads, width), np.float32), dev)
+    seconds = min(lib.time_evaluator("main", dev, number=3, repeat=repeats)(out, 1.0, 1e-7).results)
+    return 2 * threads * width * FMA_STEPS / seconds / 1e9
+
 
 def local_library(directory: Path, target: targets.TargetSpec, threads: int) -> tuple:
     """(vm, device, tvm timer, reference timer, how) for the library loaded here."""
