@@ -55,13 +55,14 @@ def prim_funcs(mod: tvm.IRModule) -> dict[str, tirx.PrimFunc]:
     return {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
 
 
-def check(emit, shapes, expect_rule: str, reference=None, rtol=1e-5, atol=1e-5, dtype="float32"):
-    """Schedule the fused module with the default rules; the expected rule must have scheduled a function
-    and every function must end up scheduled; outputs equal the unscheduled build's (and ``reference``)."""
+def check(emit, shapes, expect_rule: str, reference=None, rtol=1e-5, atol=1e-5, dtype="float32", target=HOST):
+    """Schedule the fused module with the default rules for ``target``; the expected rule must have scheduled a
+    function and every function must end up scheduled; outputs equal the unscheduled build's (and ``reference``),
+    both built and run here (a schedule for another CPU is portable TIR: its numerics are checked on this one)."""
     mod = fused_module(emit, *shapes, dtype=dtype)
     args = [RNG.uniform(-1, 1, s).astype(dtype) for s in shapes]
     expected = run(mod, args)
-    scheduled, report = apply_default_schedules(mod, HOST)
+    scheduled, report = apply_default_schedules(mod, target)
     assert report["rules"][expect_rule] >= 1, report
     assert report["unscheduled"] == [], report
     assert all(is_scheduled(f) for f in prim_funcs(scheduled).values())
@@ -159,14 +160,17 @@ def test_depthwise_conv_same_padding(c, h, k):
           lambda x, w: conv_ref(x, w, padding=k // 2, groups=c), rtol=1e-4)
 
 
-@pytest.mark.parametrize("c, o, hw, p", [(3, 20, 28, 14), (3, 32, 32, 4), (5, 7, 12, 3)])
-def test_patch_embedding_conv(c, o, hw, p):
+@pytest.mark.parametrize("c, o, hw, p, target", [
+    (3, 20, 28, 14, HOST), (3, 32, 32, 4, HOST), (5, 7, 12, 3, HOST),
+    # NEON: kx = 14 unrolled by 4 with a partial last step; kx = 8, its two unrolled steps fused with ky
+    pytest.param(3, 20, 28, 14, ARM, id="neon-14"), pytest.param(3, 24, 32, 8, ARM, id="neon-8")])
+def test_patch_embedding_conv(c, o, hw, p, target):
     """Patch embedding: stride = kernel (the weight is packed so output channels are the vector axis)."""
     def emit(x, w, b):
         return relax.op.add(relax.op.nn.conv2d(x, w, strides=p), relax.op.reshape(b, (1, o, 1, 1)))
 
     check(emit, [(1, c, hw, hw), (o, c, p, p), (o,)], "Contraction",
-          lambda x, w, b: conv_ref(x, w, stride=p, bias=b), rtol=1e-4)
+          lambda x, w, b: conv_ref(x, w, stride=p, bias=b), rtol=1e-4, target=target)
 
 
 def test_strided_overlapping_conv():
@@ -331,6 +335,15 @@ def test_arm_target_gets_neon_width_schedules():
     text = scripts(scheduled)
     assert "T.vectorized(T.int64(4))" in text and "T.vectorized(T.int64(16))" not in text
     tvm.compile(scheduled, ARM, relax_pipeline=relax.get_default_pipeline(ARM))  # builds for aarch64
+
+
+@pytest.mark.parametrize("k", [49, 50])
+def test_neon_tile_unrolls_a_reduction_that_does_not_divide_by_four(k):
+    """Rows contiguous along a reduction of 49 (Mixer-S/32's token MLP): the NEON tile unrolls K by 4 over its full
+    steps, and the partial last step is a loop of its own, not a guard in the hot loop nor an unroll by 1."""
+    scheduled = check(lambda w, x, b: relax.op.add(relax.op.matmul(w, x), b), [(24, k), (k, 64), (64,)],
+                      "Contraction", reference=lambda w, x, b: w @ x + b, target=ARM)
+    assert "_partition" in scripts(scheduled)
 
 
 def test_optimize_stage_applies_defaults_by_target_kind(monkeypatch):

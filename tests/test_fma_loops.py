@@ -6,6 +6,7 @@ The libraries are real builds for rpi5 (Cortex-A76), and with --fp16 for every A
 (rpi5, jetson-orin-cpu); their numerics are checked under qemu in test_aarch64.py.
 """
 import pytest
+import torch
 
 import targets
 from conftest import imported_module, linker_available
@@ -113,20 +114,24 @@ def test_arm_fma_loops_do_not_spill_and_keep_the_fma_pipes_busy(model, target, f
     assert_fma_loops_fit(*arm_library(model, target, fp16, tmp_path), fp16)
 
 
-@pytest.mark.parametrize("stride,padding,channels", [(4, 2, 64), (7, 0, 768)], ids=["cyclemlp-stem", "convmixer-stem"])
-def test_a_conv_over_three_channels_does_not_spill(stride, padding, channels, tmp_path):
+@pytest.mark.parametrize("kernel,stride,padding,channels,fp16", [
+    (7, 4, 2, 64, False), (7, 7, 0, 768, False), (7, 7, 0, 768, True), (8, 8, 0, 768, False)],
+    ids=["cyclemlp-stem", "convmixer-stem", "convmixer-stem-fp16", "resmlp-big-stem"])
+def test_a_conv_over_three_channels_does_not_spill(kernel, stride, padding, channels, fp16, tmp_path):
     """A patch embedding over RGB: no reduction axis (3 channels, 7 rows, 7 columns) divides by 4 to read the tile
     rows as vectors. CycleMLP's 7x7/s4 windows overlap along kx: there LLVM kept an 8-row tile's 35 input values live
     across the unrolled kx loop (18 stack accesses per loop), so ky goes innermost and each row's value is broadcast
     and used at once. ConvMixer's 7x7/s7 windows do not overlap: each row's 7 values along kx are loaded as vectors
-    and kept, so they still count as row registers (taken as broadcasts, its 8x3 tile spilled 35)."""
-    import torch
-
+    and kept, so they still count as row registers (taken as broadcasts, its 8x3 tile spilled 35), but in float16 it
+    loads them one by one (a by-element fmla .8h reads v0-v15 only), so there they are broadcasts (8x3, not 8x2: 0.62
+    -> 0.70 fmla per instruction). ResMLP-big's 8x8
+    patches: kx = 2 steps of 4, a loop LLVM unrolled whole, loading both steps' row vectors (9 stack accesses per
+    loop); it is fused with ky now."""
     needs_arm_tools()
     torch.manual_seed(0)
-    conv = torch.nn.Conv2d(3, channels, 7, stride=stride, padding=padding)
+    conv = torch.nn.Conv2d(3, channels, kernel, stride=stride, padding=padding)
     mod, params, _inputs, _reference = imported_module(conv, (1, 3, 224, 224), tmp_path)
-    assert_fma_loops_fit(*arm_build(mod, params, "rpi5", False, tmp_path), fp16=False)
+    assert_fma_loops_fit(*arm_build(mod, params, "rpi5", fp16, tmp_path), fp16=fp16)
 
 
 @pytest.mark.parametrize("channels,fp16", [(64, False), (128, True)], ids=["64-fp32", "128-fp16"])
@@ -173,4 +178,25 @@ def test_a_1x1_conv_reads_its_weight_rows_as_vectors_and_keeps_its_tile_in_regis
     needs_arm_tools()
     torch.manual_seed(0)
     mod, params, _inputs, _reference = imported_module(torch.nn.Conv2d(256, 256, 1), (1, 256, size, size), tmp_path)
+    assert_fma_loops_fit(*arm_build(mod, params, "rpi5", False, tmp_path), fp16=False)
+
+
+class _TokenMlpFc1(torch.nn.Module):
+    """Mixer's token-mixing fc1 over a (tokens, channels) image: Linear along the tokens, then GELU."""
+
+    def __init__(self, tokens: int, hidden: int):
+        super().__init__()
+        self.fc = torch.nn.Linear(tokens, hidden)
+
+    def forward(self, x):
+        return torch.nn.functional.gelu(self.fc(x.transpose(1, 2))).transpose(1, 2)
+
+
+def test_a_token_mlp_over_49_tokens_unrolls_its_reduction(tmp_path):
+    """Mixer-S/32's and B/32's token fc1 reduce over 49 tokens, which do not divide by the K unroll of 4: its full
+    steps are unrolled (each tile row's 4 weight values one vector read by lane) and the last token is a step of its
+    own. Unrolled by 1, each row's value was loaded alone: 8 ldr s per 16 fmla, 0.55 fmla per instruction."""
+    needs_arm_tools()
+    torch.manual_seed(0)
+    mod, params, _inputs, _reference = imported_module(_TokenMlpFc1(49, 256).eval(), (1, 49, 512), tmp_path)
     assert_fma_loops_fit(*arm_build(mod, params, "rpi5", False, tmp_path), fp16=False)

@@ -61,6 +61,10 @@ PANEL_MIN_ROW_TILES = 8
 # The longest sliding reduction (a kernel height) unrolled for its overlapping windows (``_sliding_reduction``).
 MAX_SLIDE_UNROLL = 16
 
+# LLVM's aarch64 backend unrolls a loop of this many unrolled-K tile steps or fewer whole, loading every step's row
+# vectors at once (seen at 2 and 3 steps, not at 4): such a loop is fused with the reduction loop outside it.
+LLVM_UNROLLED_STEPS = 3
+
 # A block annotated with this copies a weight into the layout a kernel reads (relax SplitLayoutRewritePreproc).
 LAYOUT_REWRITE_PREPROC = "meta_schedule.layout_rewrite_preproc"
 
@@ -234,6 +238,14 @@ class Contraction(CPURule):
         if slide is not None:
             reduce_ = [iv for iv in reduce_ if iv is not slide] + [slide]
         k_unroll = 1 if not reduce_ or slide is not None else pow2_divisor(int(reduce_[-1].dom.extent), isa.k_unroll)
+        k_tail = 0  # reduction steps after the last full unroll, run as a loop of their own
+        if (isa.row_registers and reduce_ and slide is None and k_unroll < isa.k_unroll
+                and int(reduce_[-1].dom.extent) // isa.k_unroll > LLVM_UNROLLED_STEPS
+                and any(op.strides[v_iv.var] == 0 and op.strides[reduce_[-1].var] == 1 for op in operands)):
+            # Rows contiguous along a reduction that does not divide by the unroll (Mixer-S/32's token MLP, 49 tokens):
+            # unrolled over its largest multiple, the rest after it, as MLAS's kernels do. Unrolled by 1, each row's
+            # value was loaded alone (8 ldr s per 16 fmla in mixer_s32's 8x2 rpi5 tile: 0.55 fmla per instruction).
+            k_unroll, k_tail = isa.k_unroll, int(reduce_[-1].dom.extent) % isa.k_unroll
         tile_isa = isa
         if isa.row_registers and reduce_ and k_unroll == 1 and slide is None:
             # No reduction axis to read the rows along as vectors. Neighbouring rows' overlapping windows must not be
@@ -241,9 +253,12 @@ class Contraction(CPURule):
             # stem, kx innermost: 35 input values for an 8-row tile, 18 stack accesses per loop on rpi5).
             reduce_ = self._window_overlap_outside(reduce_, u_iv, operands, v_iv.var)
             reordered = [iv.var for iv in reduce_] if reduce_ != in_order else []
-            if not any(op.strides[v_iv.var] == 0 and op.strides[reduce_[-1].var] == 1 for op in operands):
+            if acc_bytes < 4 or not any(op.strides[v_iv.var] == 0 and op.strides[reduce_[-1].var] == 1
+                                        for op in operands):
                 # each row's value is then broadcast and used at once, as on x86: the rows take no register each
-                # (where a row's values are contiguous, LLVM loads them as vectors and keeps them, as row registers)
+                # (where a row's float32 values are contiguous, LLVM loads them as vectors and keeps them, as row
+                # registers; float16 ones it loads one by one, since a by-element fmla .8h reads v0-v15 only:
+                # ConvMixer's 7x7/s7 stem, 8x2 with 8 ldr h per 16 fmla, 0.62 fmla per instruction)
                 tile_isa = replace(isa, k_unroll=1, row_registers=False)
         rows_read_along = reduce_[-1].var if isa.row_registers and reduce_ else None
         mr, nv = gemm_tiles(u_ext, v_ext, vec, cpu_vector_registers(target), acc_bytes, tile_isa,
@@ -283,6 +298,11 @@ class Contraction(CPURule):
         if k_unroll > 1:  # unrolled inside the tile loops, so each row's broadcasts load as one vector
             reduce_loops[-1:] = sch.split(reduce_loops[-1], [None, k_unroll])
             sch.unroll(reduce_loops[-1])
+            if (isa.row_registers and not k_tail and len(reduce_loops) > 2
+                    and int(reduce_[-1].dom.extent) // k_unroll <= LLVM_UNROLLED_STEPS):
+                # resmlp_big_24's 8x8 patch conv (kx = 2 steps of 4) held 14 row vectors beside its 7x3 tile: 9 stack
+                # accesses per loop on rpi5. Fused with the reduction loop outside it, the loop is too long to unroll.
+                reduce_loops[-3:-1] = [sch.fuse(reduce_loops[-3], reduce_loops[-2])]
         fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
         work = 1
         for d in main_info.dom():
@@ -295,9 +315,14 @@ class Contraction(CPURule):
         sch.unroll(v_nv)
         if u_iv is not None:
             sch.unroll(tile_loops[0])
+        if k_tail:  # the last, partial step in a loop of its own, so the full steps' loop has no guard
+            sch.decompose_reduction(main, reduce_loops[0])  # first: loop_partition crashes on a loop holding a copy
+            reduce_loops[-2], _partial = sch.loop_partition(reduce_loops[-2],
+                                                            [int(reduce_[-1].dom.extent) // k_unroll, None])
+            (main,) = sch.get_child_blocks(reduce_loops[-2])  # the full steps' update; the partial one is a copy
         if k_unroll > 1 and isa.row_registers:
             self._load_rows_as_vectors(sch, main, v_iv.var, reduce_[-1].var, reduce_loops[-2])
-        if reduce_:
+        if reduce_ and not k_tail:
             sch.decompose_reduction(main, reduce_loops[0])
         self._schedule_epilogue(sch, epilogue, lanes, match_mac(sch.get(main))[0].buffer)
 
