@@ -167,8 +167,10 @@ def token_mixer_te(x: te.Tensor, weight: te.Tensor, scale: te.Tensor | None, bia
     if scale is None:
         ws = lambda b, j, ci, oo: weight[j * c + ci, oo]  # noqa: E731
     else:
-        scaled = te.compute((n, nb, c, o), lambda b, j, ci, oo: (
-            weight[j * c + ci, oo].astype(acc) * scale[b, j, oo].astype(acc)).astype(dtype), name="scaled_weight")
+        # in the accumulator's type: rounded back to float16, each weight vector took two more conversions and a
+        # register (cyclemlp_b5's float16 token mixer spilled on rpi5)
+        scaled = te.compute((n, nb, c, o), lambda b, j, ci, oo:
+                            weight[j * c + ci, oo].astype(acc) * scale[b, j, oo].astype(acc), name="scaled_weight")
         ws = lambda b, j, ci, oo: scaled[b, j, ci, oo]  # noqa: E731
     rj, rc = te.reduce_axis((0, nb), name="j"), te.reduce_axis((0, c), name="k")
     mm = te.compute(

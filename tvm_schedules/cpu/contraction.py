@@ -62,7 +62,9 @@ PANEL_MIN_ROW_TILES = 8
 MAX_SLIDE_UNROLL = 16
 
 # LLVM's aarch64 backend unrolls a loop of this many unrolled-K tile steps or fewer whole, loading every step's row
-# vectors at once (seen at 2 and 3 steps, not at 4): such a loop is fused with the reduction loop outside it.
+# vectors at once (seen at 2 and 3 steps, not at 4): such a loop is fused with the reduction loop outside it, and a
+# reduction is split into full steps and a partial one only when more full steps remain (ConvMixer-1024's 14x14
+# patches, 3 steps of 4 and a partial one, spilled 66 in float16).
 LLVM_UNROLLED_STEPS = 3
 
 # A block annotated with this copies a weight into the layout a kernel reads (relax SplitLayoutRewritePreproc).
