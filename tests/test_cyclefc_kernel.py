@@ -17,6 +17,7 @@ from tvm_schedules import cyclefc as cyclefc_mod
 
 CPU = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64-v4", "num-cores": 2})
 ORIN = tvm.target.Target("nvidia/jetson-orin-nano")
+NEON = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76", "num-cores": 4})
 
 # (N, H, W, C, O, kernel): non-square images, C/O not multiples of k or of the vector width, both orientations,
 # (1, 5) kernels, batch 2, W with no good tile divisor (guarded last tile), and the CycleMLP-B1 shapes.
@@ -46,10 +47,13 @@ def _torch_reference(x_nhwc: np.ndarray, c, o, kernel, seed, has_bias=True):
     return w, b, y
 
 
-def _run_cpu(x, weight, bias, kernel, dtype):
+def _run_cpu(x, weight, bias, kernel, dtype, schedule_for=CPU):
+    """The kernel scheduled for ``schedule_for`` (portable TIR; its shift widened as a CPU build does), built and
+    run here."""
     n, h, w, c = x.shape
     o = weight.shape[0]
-    f = schedule_cyclefc(cyclefc_primfunc(n, h, w, c, o, kernel, dtype, bias is not None), CPU)
+    func = cyclefc_primfunc(n, h, w, c, o, kernel, dtype, bias is not None, widen=True)
+    f = schedule_cyclefc(func, schedule_for)
     ex = tvm.compile(tvm.IRModule({"cyclefc": f}), target=CPU)
     dev = tvm.cpu()
     args = [x.astype(dtype), np.ascontiguousarray(weight.T).astype(dtype)]
@@ -71,6 +75,40 @@ def test_cpu_kernel_matches_torch_fp32(shape):
     err = float(np.abs(got - ref).max())
     assert err <= 1e-5, f"max abs error {err:.3e}"
     assert float(np.abs(ref).max()) > 0.1  # the comparison is not between near-zero tensors
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:5])) + f"_k{s[5][0]}{s[5][1]}")
+def test_neon_schedule_matches_torch(shape, dtype):
+    """The NEON schedule (shifted rows materialized per task, read as row vectors, where C divides by 4; else the
+    x86 form), run here."""
+    n, h, w, c, o, k = shape
+    x = np.random.default_rng(1).standard_normal((n, h, w, c)).astype("float32")
+    weight, bias, ref = _torch_reference(x, c, o, k, seed=1)
+    tol = 1e-4 if dtype == "float32" else 3e-2
+    np.testing.assert_allclose(_run_cpu(x, weight, bias, k, dtype, schedule_for=NEON).astype("float32"), ref,
+                               rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("n,h,w,c,o", [(1, 5, 7, 8, 5), (2, 6, 9, 12, 20), (1, 14, 14, 64, 64)])
+def test_neon_token_mixer_matches_the_x86_schedule(n, h, w, c, o, dtype):
+    """CycleMLP's fused token mixer (three branches, branch weights per image) scheduled for NEON against the x86
+    schedule, both run here: odd images, guarded tiles, batch 2."""
+    from tvm_schedules.cyclefc import TOKEN_MIXER_RULE, token_mixer_primfunc
+
+    branches = [(1, 3), (3, 1), (1, 1)]
+    rng = np.random.default_rng(2)
+    args = [rng.standard_normal((n, h, w, c)).astype(dtype), rng.standard_normal((3 * c, o)).astype(dtype),
+            rng.uniform(0, 1, (n, 3, o)).astype("float32"), rng.standard_normal((n, o)).astype("float32")]
+    outs = []
+    for target in (CPU, NEON):
+        func = token_mixer_primfunc(n, h, w, c, o, branches, dtype=dtype, out_dtype="float32")
+        ex = tvm.compile(tvm.IRModule({"main": schedule_cyclefc(func, target, TOKEN_MIXER_RULE)}), target=CPU)
+        out = tvm.runtime.tensor(np.zeros((n, h, w, o), "float32"))
+        ex.mod["main"](*[tvm.runtime.tensor(a) for a in args], out)
+        outs.append(out.numpy())
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-4)
 
 
 def test_cpu_kernel_without_bias():

@@ -17,8 +17,10 @@ one read of the input, mixed by their softmax weights; ``passes.fuse_cycle_token
   registers (see ``_CPU_ACC_SCOPE`` for why its scope is "global" and not "local"), zeroed by the
   decomposed init block, updated over C with the rows and vectors unrolled and the lanes vectorized
   (vec = the target's SIMD width, from a small ISA table), then written out by the epilogue block
-  (bias add, cast). The shift is inlined, so each input element is one bounds-checked scalar load
-  broadcast against a vector row of ``weight_t``; nothing shifted is materialized.
+  (bias add, cast). On x86 the shift is inlined, so each input element is one bounds-checked scalar load
+  broadcast against a vector row of ``weight_t``; nothing shifted is materialized. On NEON each task copies its
+  rows shifted into a buffer contiguous along C, and the tile reads each row's 4 K values as one vector, FMAs by
+  lane (``_schedule_cpu_row_vectors``).
 * ``cuda``: our ``TensorCoreMatmul`` where it applies (float16 with C and O >= 64: wmma tiles, float32
   accumulators), else dlight's ``gpu.Matmul`` rule (one kernel: shared-memory tiles with the shift inlined into
   the input's shared-memory load, bias and cast fused into the register-tile write-back), with a manual
@@ -33,13 +35,14 @@ from tvm.s_tir import Schedule
 # The ISA table, vector widths and register-tile choice are shared with the default CPU rules
 # (tvm_schedules/cpu/isa.py; CPU_ACC_SCOPE there says why an accumulator tile is "global", not "local").
 from .cpu.isa import CPU_ACC_SCOPE as _CPU_ACC_SCOPE
-from .cpu.isa import cpu_tiles, cpu_vector_lanes, cpu_vector_registers
+from .cpu.common import pow2_divisor
+from .cpu.isa import cpu_isa_data, cpu_tiles, cpu_vector_lanes, cpu_vector_registers, gemm_tiles
 from .scheduled import mark_scheduled
 from .workload import contraction
 
 __all__ = ["cyclefc_te", "cyclefc_primfunc", "token_mixer_te", "token_mixer_primfunc", "schedule_cyclefc",
-           "cpu_vector_lanes", "cpu_tiles", "SCHEDULES", "RULES", "CYCLEFC_RULE", "TOKEN_MIXER_RULE",
-           "TOKEN_SQUEEZE_RULE"]
+           "cpu_vector_lanes", "cpu_tiles", "SCHEDULES", "WIDENED_INPUTS", "RULES", "CYCLEFC_RULE",
+           "TOKEN_MIXER_RULE", "TOKEN_SQUEEZE_RULE"]
 
 _LOW_PRECISION = ("float16", "bfloat16")
 # What the manifest says scheduled these kernels (``schedule_cyclefc``'s ``rule``).
@@ -93,23 +96,25 @@ def _check_channels(x: te.Tensor, c_w) -> None:
 
 
 def cyclefc_te(x: te.Tensor, weight_t: te.Tensor, bias: te.Tensor | None, kernel_size,
-               out_dtype: str | None = None) -> te.Tensor:
+               out_dtype: str | None = None, widen: bool = False) -> te.Tensor:
     """TE compute of CycleFC in NHWC: returns (N, H, W, O) in ``out_dtype`` (default ``x.dtype``).
 
-    Stages: ``shift`` (injective, the bounds-checked shifted read; inlined by every schedule here),
-    ``mm`` (the reduction over C, accumulated in float32 for float16/bfloat16 inputs) and ``out``
-    (bias add and cast to ``out_dtype``).
+    Stages: ``shift`` (injective, the bounds-checked shifted read), with ``widen`` also ``weight`` (the weight in the
+    accumulator's type; the shift is then in it too, else in ``x``'s: see ``WIDENED_INPUTS``), ``mm`` (the reduction
+    over C, accumulated in float32 for float16/bfloat16 inputs) and ``out`` (bias add and cast to ``out_dtype``).
     """
     n, h, w, c = x.shape
     _check_channels(x, weight_t.shape[0])
     o = weight_t.shape[1]
     _normalize_kernel(kernel_size)
     acc = _acc_dtype(x.dtype)
-    xs = te.compute((n, h, w, c), _shifted(x, kernel_size), name="shift")
+    shifted = _shifted(x, kernel_size)
+    xs = te.compute((n, h, w, c), (lambda *i: shifted(*i).astype(acc)) if widen else shifted, name="shift")
+    wt = te.compute(weight_t.shape, lambda k, oo: weight_t[k, oo].astype(acc), name="widened_weight") if widen else weight_t
     rk = te.reduce_axis((0, c), name="k")
     mm = te.compute(
         (n, h, w, o),
-        lambda b, y, xx, oo: te.sum(xs[b, y, xx, rk].astype(acc) * weight_t[rk, oo].astype(acc), axis=rk),
+        lambda b, y, xx, oo: te.sum(xs[b, y, xx, rk].astype(acc) * wt[rk, oo].astype(acc), axis=rk),
         name="mm",
     )
     return _epilogue(mm, None if bias is None else (lambda b, oo: bias[oo]), out_dtype or x.dtype)
@@ -163,7 +168,9 @@ def token_mixer_te(x: te.Tensor, weight: te.Tensor, scale: te.Tensor | None, bia
             dy, dx = tirx.Select(j == i, dy_i, dy), tirx.Select(j == i, dx_i, dx)
         return _read_at(x, b, y, xx, ci, dy, dx)
 
-    xs = te.compute((n, h, w, nb, c), shift, name="shift")
+    # widened as shifted: the NEON schedule materializes the shifted rows, converted once there (the kernel is a CPU
+    # one, the x86 schedule inlines the shift: the same conversion per load)
+    xs = te.compute((n, h, w, nb, c), lambda *i: shift(*i).astype(acc), name="shift")
     if scale is None:
         ws = lambda b, j, ci, oo: weight[j * c + ci, oo]  # noqa: E731
     else:
@@ -186,7 +193,7 @@ def _int64(*values):
 
 
 def cyclefc_primfunc(n, h, w, c, o, kernel_size, dtype="float32", has_bias=True, name="cyclefc",
-                     out_dtype: str | None = None) -> tirx.PrimFunc:
+                     out_dtype: str | None = None, widen: bool = False) -> tirx.PrimFunc:
     """Static-shape PrimFunc ``name(x, weight_t, [bias,] out)`` of :func:`cyclefc_te` (unscheduled).
 
     Extents are int64, as in the functions LegalizeOps makes: FuseTIR fuses this kernel with its consumers
@@ -196,7 +203,7 @@ def cyclefc_primfunc(n, h, w, c, o, kernel_size, dtype="float32", has_bias=True,
     x = te.placeholder((n, h, w, c), dtype, name="x")
     wt = te.placeholder((c, o), dtype, name="weight_t")
     b = te.placeholder((o,), out_dtype or dtype, name="bias") if has_bias else None
-    y = cyclefc_te(x, wt, b, kernel_size, out_dtype)
+    y = cyclefc_te(x, wt, b, kernel_size, out_dtype, widen)
     args = [x, wt] + ([b] if has_bias else []) + [y]
     return te.create_prim_func(args).with_attr("global_symbol", name)
 
@@ -226,6 +233,10 @@ def _schedule_cpu(func: tirx.PrimFunc, target: tvm.target.Target, tile: tuple[in
     } } [}]; epilogue tile }. The token mixer's branch loop J is unrolled, so each branch's shift is a fixed load
     and its scale vectors are loop-invariant in c (hoisted, nv more registers). ``tile`` = (mr, nv) overrides
     :func:`cpu_tiles` (for experiments)."""
+    if cpu_isa_data(target).row_registers:
+        scheduled = _schedule_cpu_row_vectors(func, target, tile)
+        if scheduled is not None:
+            return scheduled
     sch = _inline_producers(func)
     mm, out = sch.get_sblock("mm"), sch.get_sblock("out")
     b, y, xx, oo, *reduction = sch.get_loops(mm)
@@ -259,11 +270,71 @@ def _schedule_cpu(func: tirx.PrimFunc, target: tvm.target.Target, tile: tuple[in
     return sch.mod["main"]
 
 
+def _schedule_cpu_row_vectors(func: tirx.PrimFunc, target: tvm.target.Target, tile: tuple[int, int] | None = None):
+    """On a core whose by-element FMA reads a tile row's K values from one vector register (NEON:
+    ``CpuIsa.row_registers``), the shifted rows are materialized: each parallel task (one image row, mr pixels)
+    copies its pixels' shifted inputs, bounds-checked, into a buffer contiguous along C, once for all its output
+    tiles; then the tile reads each row's ``k_unroll`` values as one vector (``fmla v.4s, v.4s, v.s[i]``) with no
+    guard in the loop. The token mixer's branch weights are multiplied into the weight once per call, not once
+    per tile and step. Inlined (the x86 schedule), the guarded scalar loads and the per-step scaling left
+    CycleMLP's kernels on rpi5 at 0.2-0.5 fmla per instruction with the border's branches inside the loop.
+    None when C does not divide by the K unroll, or the shifted rows are not in the accumulator's type (a float16
+    CycleFC kernel built without ``widen``)."""
+    isa = cpu_isa_data(target)
+    sch = Schedule(func)
+    mm, out, shift = sch.get_sblock("mm"), sch.get_sblock("out"), sch.get_sblock("shift")
+    b, y, xx, oo, *reduction = sch.get_loops(mm)
+    w, o, c = (int(sch.get(lp).extent) for lp in (xx, oo, reduction[-1]))
+    acc = _acc_dtype(str(func.params[0].dtype))
+    if c % isa.k_unroll or str(sch.get(shift).writes[0].source.dtype) != acc:
+        return None  # a float16 CycleFC's rows would be widened element by element in the loop
+    acc_bytes = tvm.runtime.DataType(acc).bits // 8
+    vec = pow2_divisor(o, cpu_vector_lanes(target, acc))
+    mr, nv = tile or gemm_tiles(w, o, vec, cpu_vector_registers(target), acc_bytes, isa)
+    xo, xi = sch.split(xx, [None, mr])
+    o_o, o_v, o_l = sch.split(oo, [None, nv, vec])
+    ko, ki = sch.split(reduction[-1], [None, isa.k_unroll])
+    sch.reorder(b, y, xo, o_o, *reduction[:-1], ko, ki, xi, o_v, o_l)
+    task = sch.fuse(b, y, xo)
+    sch.parallel(task)
+    sch.compute_at(shift, task, preserve_unit_loops=True)
+    sch.reverse_compute_at(out, o_o, preserve_unit_loops=True)
+    sch.set_scope(mm, 0, _CPU_ACC_SCOPE)
+    sch.vectorize(o_l)
+    sch.unroll(o_v)
+    sch.unroll(xi)
+    sch.unroll(ki)
+    for branch in reduction[:-1]:
+        sch.unroll(branch)
+    # each row's k_unroll values: one small buffer per step that LLVM keeps as one register per row
+    reads = [r.source.name for r in sch.get(mm).reads]
+    rows = sch.cache_read(mm, reads.index(sch.get(shift).writes[0].source.name), _CPU_ACC_SCOPE)
+    depth = 1 + [sch.get(lp).same_as(sch.get(ko)) for lp in sch.get_loops(mm)].index(True)
+    sch.compute_at(rows, ko, preserve_unit_loops=True)
+    *row_loops, k_loop = sch.get_loops(rows)[depth:]
+    for loop in row_loops:
+        sch.unroll(loop)
+    sch.vectorize(k_loop)
+    sch.decompose_reduction(mm, (reduction[:-1] or [ko])[0])
+    ex, eo = sch.get_loops(out)[-2:]
+    eov, eol = sch.split(eo, [None, vec])
+    sch.vectorize(eol)
+    sch.unroll(eov)
+    sch.unroll(ex)
+    names = {sch.get(rv).name_hint for rv in sch.get_child_blocks(sch.get_sblock("root"))}
+    for name in {"scaled_weight", "widened_weight"} & names:  # once per call: parallel over its rows, vectors along O
+        *rows_, so = sch.get_loops(sch.get_sblock(name))
+        sch.parallel(sch.fuse(*rows_) if len(rows_) > 1 else rows_[0])
+        so_o, so_l = sch.split(so, [None, vec])
+        sch.vectorize(so_l)
+    return sch.mod["main"]
+
+
 def _inline_producers(func: tirx.PrimFunc) -> Schedule:
     """The shift becomes the guarded load inside the GEMM, the token mixer's scaling a multiply on the weight."""
     sch = Schedule(func)
     names = {sch.get(rv).name_hint for rv in sch.get_child_blocks(sch.get_sblock("root"))}
-    for producer in ("shift", "scaled_weight"):
+    for producer in ("shift", "scaled_weight", "widened_weight"):
         if producer in names:
             sch.compute_inline(sch.get_sblock(producer))
     return sch
@@ -315,6 +386,10 @@ def _schedule_cuda(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimF
 
 
 SCHEDULES = {"llvm": _schedule_cpu, "cuda": _schedule_cuda}
+# Target kinds whose CycleFC kernel widens its input and weight to the accumulator's type (``cyclefc_primfunc(widen=)``):
+# the NEON schedule materializes the shifted rows and the weight in float32 once per call; on CUDA the float16
+# operands feed the tensor cores. (The token mixer, a CPU kernel only, always widens; its weight is scaled anyway.)
+WIDENED_INPUTS = frozenset({"llvm"})
 
 
 def schedule_cyclefc(func: tirx.PrimFunc, target, rule: str = CYCLEFC_RULE) -> tirx.PrimFunc:

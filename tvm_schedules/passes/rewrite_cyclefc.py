@@ -27,7 +27,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ..cyclefc import cyclefc_primfunc, schedule_cyclefc
+from ..cyclefc import WIDENED_INPUTS, cyclefc_primfunc, schedule_cyclefc
 from .graph_match import Bindings, axes, is_call, rewritten_main, shape, with_new_params
 
 _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
@@ -116,7 +116,8 @@ class _SiteRewriter(relax.PyExprMutator):
     def kernel(self, n, h, w, c, o, kernel_size, dtype, out_dtype, has_bias) -> relax.GlobalVar:
         key = (n, h, w, c, o, kernel_size, dtype, out_dtype, has_bias)
         if key not in self.kernels:
-            func = cyclefc_primfunc(n, h, w, c, o, kernel_size, dtype=dtype, has_bias=has_bias, out_dtype=out_dtype)
+            func = cyclefc_primfunc(n, h, w, c, o, kernel_size, dtype=dtype, has_bias=has_bias, out_dtype=out_dtype,
+                                    widen=self.target.kind.name in WIDENED_INPUTS)
             func = schedule_cyclefc(func, self.target).without_attr("global_symbol")
             self.kernels[key] = self.builder_.add_func(func, "cyclefc")
         return self.kernels[key]
