@@ -62,18 +62,20 @@ def arm_library(model: str, target: str, fp16: bool, work):
 
 def arm_build(mod, params, target: str, fp16: bool, work):
     """Optimize and build ``mod`` for an Arm board: the library and the shapes of the functions the Contraction
-    rule scheduled, by name."""
+    rule or CycleMLP's kernels (CycleFC, the fused token mixer) scheduled, by name."""
     import targets as target_specs
     from pipeline.stages.build import build
     from pipeline.stages.optimize import optimize
     from tvm import tirx
+    from tvm_schedules.cyclefc import CYCLEFC_RULE, TOKEN_MIXER_RULE
     from tvm_schedules.scheduled import scheduled_by
 
     spec = target_specs.get_target(target)
     mod, _params, _ = optimize(mod, params, spec, fp16)
     build(mod, spec, work / "lib.so")
     marks = {gv.name_hint: scheduled_by(f) for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
-    return work / "lib.so", {name: shape for name, (rule, shape) in marks.items() if rule == "Contraction"}
+    judged = ("Contraction", CYCLEFC_RULE, TOKEN_MIXER_RULE)
+    return work / "lib.so", {name: {**shape, "rule": rule} for name, (rule, shape) in marks.items() if rule in judged}
 
 
 def needs_arm_tools():
@@ -94,8 +96,9 @@ def assert_fma_loops_fit(lib, contractions: dict, fp16: bool) -> None:
     # so they are held only to the no-spill rule.
     matrix = {name for name, shape in contractions.items() if min(shape["m"], shape["n"]) > 1}
     assert matrix, "no matrix-matrix contraction to judge"
-    wanted = "8h" if fp16 else "4s"
     for name in sorted(matrix):
+        # CycleMLP's kernels accumulate in float32 in every build (cyclefc._acc_dtype), the others in the build's type
+        wanted = "8h" if fp16 and contractions[name].get("rule", "Contraction") == "Contraction" else "4s"
         loops = result.loops_of(name)
         assert loops, f"{name}: no FMA loop found in the library"
         for loop in loops:
