@@ -75,7 +75,7 @@ def arm_build(mod, params, target: str, fp16: bool, work):
     build(mod, spec, work / "lib.so")
     marks = {gv.name_hint: scheduled_by(f) for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
     judged = ("Contraction", CYCLEFC_RULE, TOKEN_MIXER_RULE)
-    return work / "lib.so", {name: {**shape, "rule": rule} for name, (rule, shape) in marks.items() if rule in judged}
+    return work / "lib.so", {name: shape for name, (rule, shape) in marks.items() if rule in judged}
 
 
 def needs_arm_tools():
@@ -96,9 +96,8 @@ def assert_fma_loops_fit(lib, contractions: dict, fp16: bool) -> None:
     # so they are held only to the no-spill rule.
     matrix = {name for name, shape in contractions.items() if min(shape["m"], shape["n"]) > 1}
     assert matrix, "no matrix-matrix contraction to judge"
+    wanted = "8h" if fp16 else "4s"
     for name in sorted(matrix):
-        # CycleMLP's kernels accumulate in float32 in every build (cyclefc._acc_dtype), the others in the build's type
-        wanted = "8h" if fp16 and contractions[name].get("rule", "Contraction") == "Contraction" else "4s"
         loops = result.loops_of(name)
         assert loops, f"{name}: no FMA loop found in the library"
         for loop in loops:
@@ -213,7 +212,8 @@ def test_cyclemlp_kernels_read_shifted_rows_as_vectors(kernel, c, hw, dtype, tmp
     CycleFC). With the shift inlined (the x86 schedule) each row's value was a bounds-checked scalar load, the image
     border's branches inside the loop, and the token mixer's branch weights multiplied into every weight vector at
     every step: 0.2-0.5 fmla per instruction, and in float16 5-10 stack accesses per loop. Now each task copies its
-    rows shifted (converted to float32 on the way) and the tile reads them as vectors: no branch, no spill."""
+    rows shifted (in the accumulator's type) and the tile reads them as vectors: no branch, no spill; in float16 they
+    accumulate in float16 as the board's other contractions do (``fmla .8h``)."""
     import tvm
 
     from pipeline.toolchain.cross_link import cross_linker
@@ -224,10 +224,12 @@ def test_cyclemlp_kernels_read_shifted_rows_as_vectors(kernel, c, hw, dtype, tmp
     needs_arm_tools()
     spec = targets.get_target("rpi5")
     target = to_tvm_target(spec)
+    accumulator = spec.float16_accumulator  # float16: rpi5's cores compute in it
     if kernel == "token_mixer":
-        func, rule = token_mixer_primfunc(1, hw, hw, c, c, [(1, 3), (3, 1), (1, 1)], dtype=dtype), TOKEN_MIXER_RULE
+        func = token_mixer_primfunc(1, hw, hw, c, c, [(1, 3), (3, 1), (1, 1)], dtype=dtype, accumulator=accumulator)
+        rule = TOKEN_MIXER_RULE
     else:
-        func, rule = cyclefc_primfunc(1, hw, hw, c, c, (3, 1), dtype, widen=True), CYCLEFC_RULE
+        func, rule = cyclefc_primfunc(1, hw, hw, c, c, (3, 1), dtype, widen=True, accumulator=accumulator), CYCLEFC_RULE
     library = tvm.compile(tvm.IRModule({"main": schedule_cyclefc(func, target, rule)}), target=target)
     library.export_library(str(tmp_path / "lib.so"), fcompile=cross_linker(spec.cross_triple))
     loops = [loop for loop in analyze_library(tmp_path / "lib.so").loops if loop.fmla >= 16]  # the tile's loops
@@ -235,3 +237,4 @@ def test_cyclemlp_kernels_read_shifted_rows_as_vectors(kernel, c, hw, dtype, tmp
     for loop in loops:
         assert not loop.spills and not loop.branches and loop.fmla_per_instruction >= MIN_FMLA_PER_INSTRUCTION, \
             loop.as_dict()
+        assert loop.arrangements == {"8h" if dtype == "float16" else "4s"}, loop.as_dict()

@@ -57,8 +57,10 @@ def _normalize_kernel(kernel_size) -> tuple[int, int]:
     return kh, kw
 
 
-def _acc_dtype(dtype: str) -> str:
-    return "float32" if dtype in _LOW_PRECISION else dtype
+def _acc_dtype(dtype: str, accumulator: str = "float32") -> str:
+    """What a kernel over ``dtype`` inputs accumulates in: ``accumulator`` for float16/bfloat16 (the target's,
+    ``TargetSpec.float16_accumulator``: float16 on Arm cores with +fullfp16), else ``dtype``."""
+    return accumulator if dtype in _LOW_PRECISION else dtype
 
 
 def _offsets(kernel_size):
@@ -96,18 +98,19 @@ def _check_channels(x: te.Tensor, c_w) -> None:
 
 
 def cyclefc_te(x: te.Tensor, weight_t: te.Tensor, bias: te.Tensor | None, kernel_size,
-               out_dtype: str | None = None, widen: bool = False) -> te.Tensor:
+               out_dtype: str | None = None, widen: bool = False, accumulator: str = "float32") -> te.Tensor:
     """TE compute of CycleFC in NHWC: returns (N, H, W, O) in ``out_dtype`` (default ``x.dtype``).
 
     Stages: ``shift`` (injective, the bounds-checked shifted read), with ``widen`` also ``weight`` (the weight in the
     accumulator's type; the shift is then in it too, else in ``x``'s: see ``WIDENED_INPUTS``), ``mm`` (the reduction
-    over C, accumulated in float32 for float16/bfloat16 inputs) and ``out`` (bias add and cast to ``out_dtype``).
+    over C, accumulated in ``accumulator`` for float16/bfloat16 inputs) and ``out`` (bias add and cast to
+    ``out_dtype``).
     """
     n, h, w, c = x.shape
     _check_channels(x, weight_t.shape[0])
     o = weight_t.shape[1]
     _normalize_kernel(kernel_size)
-    acc = _acc_dtype(x.dtype)
+    acc = _acc_dtype(x.dtype, accumulator)
     shifted = _shifted(x, kernel_size)
     xs = te.compute((n, h, w, c), (lambda *i: shifted(*i).astype(acc)) if widen else shifted, name="shift")
     wt = te.compute(weight_t.shape, lambda k, oo: weight_t[k, oo].astype(acc), name="widened_weight") if widen else weight_t
@@ -130,7 +133,7 @@ def _epilogue(mm: te.Tensor, bias, out_dtype: str) -> te.Tensor:
 
 
 def token_mixer_te(x: te.Tensor, weight: te.Tensor, scale: te.Tensor | None, bias: te.Tensor | None, branches,
-                   out_dtype: str | None = None) -> te.Tensor:
+                   out_dtype: str | None = None, accumulator: str = "float32") -> te.Tensor:
     """CycleMLP's mixed branches as one contraction: ``out[b, p, o] = sum_j scale[b, j, o] * (shift_j(x)[b, p, :]
     @ weight[j])[o] + bias[b, o]``, NHWC.
 
@@ -153,7 +156,7 @@ def token_mixer_te(x: te.Tensor, weight: te.Tensor, scale: te.Tensor | None, bia
     nb, o = len(branches), weight.shape[1]
     if int(weight.shape[0]) != nb * int(c):
         raise ValueError(f"weight is {tuple(weight.shape)}, not (J*C, O) for J = {nb} branches and C = {c}")
-    dtype, acc = x.dtype, _acc_dtype(x.dtype)
+    dtype, acc = x.dtype, _acc_dtype(x.dtype, accumulator)
     nb = tirx.IntImm(str(c.ty), nb) if isinstance(c, tirx.IntImm) else nb  # index types alike (int64 in ours)
     offsets = [_offsets(k) for k in branches]
 
@@ -193,7 +196,7 @@ def _int64(*values):
 
 
 def cyclefc_primfunc(n, h, w, c, o, kernel_size, dtype="float32", has_bias=True, name="cyclefc",
-                     out_dtype: str | None = None, widen: bool = False) -> tirx.PrimFunc:
+                     out_dtype: str | None = None, widen: bool = False, accumulator: str = "float32") -> tirx.PrimFunc:
     """Static-shape PrimFunc ``name(x, weight_t, [bias,] out)`` of :func:`cyclefc_te` (unscheduled).
 
     Extents are int64, as in the functions LegalizeOps makes: FuseTIR fuses this kernel with its consumers
@@ -203,13 +206,14 @@ def cyclefc_primfunc(n, h, w, c, o, kernel_size, dtype="float32", has_bias=True,
     x = te.placeholder((n, h, w, c), dtype, name="x")
     wt = te.placeholder((c, o), dtype, name="weight_t")
     b = te.placeholder((o,), out_dtype or dtype, name="bias") if has_bias else None
-    y = cyclefc_te(x, wt, b, kernel_size, out_dtype, widen)
+    y = cyclefc_te(x, wt, b, kernel_size, out_dtype, widen, accumulator)
     args = [x, wt] + ([b] if has_bias else []) + [y]
     return te.create_prim_func(args).with_attr("global_symbol", name)
 
 
 def token_mixer_primfunc(n, h, w, c, o, branches, dtype="float32", has_bias=True, name="cycle_token_mixer",
-                         out_dtype: str | None = None, squeeze: bool = False) -> tirx.PrimFunc:
+                         out_dtype: str | None = None, squeeze: bool = False, accumulator: str = "float32"
+                         ) -> tirx.PrimFunc:
     """Static-shape PrimFunc ``name(x, weight, scale, [bias,] out)`` of :func:`token_mixer_te` (unscheduled);
     ``scale`` and ``bias`` in ``out_dtype`` (the graph's), ``x`` and ``weight`` in ``dtype``. ``squeeze``: the
     mixer's squeeze instead, ``name(x (N, H, W, J, C), weight, [bias,] out)``, unshifted and unscaled."""
@@ -219,7 +223,7 @@ def token_mixer_primfunc(n, h, w, c, o, branches, dtype="float32", has_bias=True
     wt = te.placeholder((nb * c, o), dtype, name="weight")
     scale = None if squeeze else te.placeholder((n, nb, o), out_dtype, name="scale")
     b = te.placeholder((n, o), out_dtype, name="bias") if has_bias else None
-    y = token_mixer_te(x, wt, scale, b, branches, out_dtype)
+    y = token_mixer_te(x, wt, scale, b, branches, out_dtype, accumulator)
     args = [x, wt] + ([scale] if scale is not None else []) + ([b] if has_bias else []) + [y]
     return te.create_prim_func(args).with_attr("global_symbol", name)
 
@@ -241,7 +245,7 @@ def _schedule_cpu(func: tirx.PrimFunc, target: tvm.target.Target, tile: tuple[in
     mm, out = sch.get_sblock("mm"), sch.get_sblock("out")
     b, y, xx, oo, *reduction = sch.get_loops(mm)
     w, o = int(sch.get(xx).extent), int(sch.get(oo).extent)
-    acc = _acc_dtype(str(func.params[0].dtype))
+    acc = str(sch.get(mm).writes[0].source.dtype)
     lanes, nregs = cpu_vector_lanes(target, acc), cpu_vector_registers(target)
     convert = acc != str(func.params[0].dtype)
     mr, nv, vec = cpu_tiles(w, o, lanes, nregs, tvm.runtime.DataType(acc).bits // 8, convert,
@@ -285,7 +289,7 @@ def _schedule_cpu_row_vectors(func: tirx.PrimFunc, target: tvm.target.Target, ti
     mm, out, shift = sch.get_sblock("mm"), sch.get_sblock("out"), sch.get_sblock("shift")
     b, y, xx, oo, *reduction = sch.get_loops(mm)
     w, o, c = (int(sch.get(lp).extent) for lp in (xx, oo, reduction[-1]))
-    acc = _acc_dtype(str(func.params[0].dtype))
+    acc = str(sch.get(mm).writes[0].source.dtype)
     if c % isa.k_unroll or str(sch.get(shift).writes[0].source.dtype) != acc:
         return None  # a float16 CycleFC's rows would be widened element by element in the loop
     acc_bytes = tvm.runtime.DataType(acc).bits // 8

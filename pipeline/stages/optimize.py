@@ -80,7 +80,8 @@ def lower(mod: tvm.IRModule, params: dict[str, np.ndarray], target: TargetSpec, 
             reports[graph_pass.__name__] = {"reason": f"not run for {kind} targets"}
             continue
         mod, params, reports[graph_pass.__name__] = graph_pass(mod, params, to_tvm_target(target), dtype,
-                                                               keep_fp32 if fp16 else frozenset())
+                                                               keep_fp32 if fp16 else frozenset(),
+                                                               target.float16_accumulator)
     if fp16 and keep_fp32:
         mod, reports["keep_float32"] = keep_float32(mod, keep_fp32)
     if fp16:

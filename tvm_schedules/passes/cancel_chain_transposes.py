@@ -110,7 +110,7 @@ class _ByColumns(relax.PyExprMutator):
 
 
 def cancel_chain_transposes(mod: tvm.IRModule, params: dict[str, np.ndarray], target: tvm.target.Target,
-                            dtype: str | None = None, keep: frozenset[str] = frozenset()
+                            dtype: str | None = None, keep: frozenset[str] = frozenset(), accumulator: str = "float32"
                             ) -> tuple[tvm.IRModule, dict[str, np.ndarray], dict]:
     """Every row-wise chain of ``main`` between two transposes (but those with a binding in ``keep``) by columns on
     the untransposed tensor; the module, its params in call order (the transposed ones last), and a report."""

@@ -80,7 +80,7 @@ class _Folder(relax.PyExprMutator):
 
 
 def fold_batch_norm(mod: tvm.IRModule, params: dict[str, np.ndarray], target: tvm.target.Target,
-                    dtype: str | None = None, keep: frozenset[str] = frozenset()
+                    dtype: str | None = None, keep: frozenset[str] = frozenset(), accumulator: str = "float32"
                     ) -> tuple[tvm.IRModule, dict[str, np.ndarray], dict]:
     """Fold every batch_norm of ``main`` with parameter statistics (but those with a binding in ``keep``) into a
     multiply-add; the module, its params in call order, and a report."""

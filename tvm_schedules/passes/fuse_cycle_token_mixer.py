@@ -201,8 +201,10 @@ def read_mask(extent: int, channels: int, k: int) -> np.ndarray:
 
 @relax.expr_functor.mutator
 class _MixerRewriter(relax.PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, sites: list[MixerSite], target: tvm.target.Target, dtype: str | None):
+    def __init__(self, mod: tvm.IRModule, sites: list[MixerSite], target: tvm.target.Target, dtype: str | None,
+                 accumulator: str):
         super().__init__(mod)
+        self.accumulator = accumulator
         self.by_mean = {site.mean: site for site in sites}
         self.by_mix = {site.mix: site for site in sites}
         self.target, self.dtype = target, dtype
@@ -286,7 +288,7 @@ class _MixerRewriter(relax.PyExprMutator):
         if key not in self.kernels:
             n, h, w, c, o, kernels, dtype, out_dtype, has_bias, squeeze = key
             func = token_mixer_primfunc(n, h, w, c, o, kernels, dtype=dtype, has_bias=has_bias, out_dtype=out_dtype,
-                                        squeeze=squeeze)
+                                        squeeze=squeeze, accumulator=self.accumulator)
             rule = TOKEN_SQUEEZE_RULE if squeeze else TOKEN_MIXER_RULE
             func = schedule_cyclefc(func, self.target, rule).without_attr("global_symbol")
             self.kernels[key] = self.builder_.add_func(func, "cycle_token_squeeze" if squeeze else "cycle_token_mixer")
@@ -294,15 +296,16 @@ class _MixerRewriter(relax.PyExprMutator):
 
 
 def fuse_cycle_token_mixer(mod: tvm.IRModule, params: dict[str, np.ndarray], target: tvm.target.Target,
-                           dtype: str | None = None, keep: frozenset[str] = frozenset()
+                           dtype: str | None = None, keep: frozenset[str] = frozenset(), accumulator: str = "float32"
                            ) -> tuple[tvm.IRModule, dict[str, np.ndarray], dict]:
     """Rewrite every CycleMLP token mixer of ``main`` (but those with a binding in ``keep``) into one kernel call
-    computing in ``dtype`` (None: the graph's); return the module, its params in call order, and a report."""
+    computing in ``dtype`` (None: the graph's), accumulating a float16 one in ``accumulator``; return the module,
+    its params in call order, and a report."""
     func = mod["main"]
     sites = find_mixer_sites(func, params, keep)
     if not sites:
         return mod, params, {"sites": 0}
-    rewriter = _MixerRewriter(mod, sites, target, dtype)
+    rewriter = _MixerRewriter(mod, sites, target, dtype, accumulator)
     new_mod, new_params = with_new_params(rewritten_main(rewriter, func), params, rewriter.new_params)
     dtypes = sorted({key[6] for key in rewriter.kernels})
     return new_mod, new_params, {"sites": len(sites), "kernels": len(rewriter.kernels), "dtype": "+".join(dtypes),

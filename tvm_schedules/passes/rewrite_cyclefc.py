@@ -105,8 +105,10 @@ def find_cyclefc_sites(func: relax.Function, param_names: set[str], keep: frozen
 
 @relax.expr_functor.mutator
 class _SiteRewriter(relax.PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, sites: list[CycleFCSite], target: tvm.target.Target, dtype: str | None):
+    def __init__(self, mod: tvm.IRModule, sites: list[CycleFCSite], target: tvm.target.Target, dtype: str | None,
+                 accumulator: str):
         super().__init__(mod)
+        self.accumulator = accumulator
         self.sites = {site.root: site for site in sites}
         self.target = target
         self.dtype = dtype
@@ -117,7 +119,7 @@ class _SiteRewriter(relax.PyExprMutator):
         key = (n, h, w, c, o, kernel_size, dtype, out_dtype, has_bias)
         if key not in self.kernels:
             func = cyclefc_primfunc(n, h, w, c, o, kernel_size, dtype=dtype, has_bias=has_bias, out_dtype=out_dtype,
-                                    widen=self.target.kind.name in WIDENED_INPUTS)
+                                    widen=self.target.kind.name in WIDENED_INPUTS, accumulator=self.accumulator)
             func = schedule_cyclefc(func, self.target).without_attr("global_symbol")
             self.kernels[key] = self.builder_.add_func(func, "cyclefc")
         return self.kernels[key]
@@ -146,15 +148,16 @@ class _SiteRewriter(relax.PyExprMutator):
 
 
 def rewrite_cyclefc(mod: tvm.IRModule, params: dict[str, np.ndarray], target: tvm.target.Target,
-                    dtype: str | None = None, keep: frozenset[str] = frozenset()
+                    dtype: str | None = None, keep: frozenset[str] = frozenset(), accumulator: str = "float32"
                     ) -> tuple[tvm.IRModule, dict[str, np.ndarray], dict]:
     """Rewrite every CycleFC site of ``main`` (but those with a binding in ``keep``) into kernels computing in
-    ``dtype`` (None: the graph's); return the module, its params in call order, and a report."""
+    ``dtype`` (None: the graph's), accumulating a float16 one in ``accumulator``; return the module, its params in
+    call order, and a report."""
     func = mod["main"]
     sites = find_cyclefc_sites(func, set(params), keep)
     if not sites:
         return mod, params, {"sites": 0}
-    rewriter = _SiteRewriter(mod, sites, target, dtype)
+    rewriter = _SiteRewriter(mod, sites, target, dtype, accumulator)
     module = rewritten_main(rewriter, func)
     added = {}
     for weight, t in rewriter.transposed.items():

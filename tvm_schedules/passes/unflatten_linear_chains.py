@@ -63,7 +63,7 @@ class _Unflatten(relax.PyExprMutator):
 
 
 def unflatten_linear_chains(mod: tvm.IRModule, params: dict[str, np.ndarray], target: tvm.target.Target,
-                            dtype: str | None = None, keep: frozenset[str] = frozenset()
+                            dtype: str | None = None, keep: frozenset[str] = frozenset(), accumulator: str = "float32"
                             ) -> tuple[tvm.IRModule, dict[str, np.ndarray], dict]:
     """Every flattened row-wise chain of ``main`` on its N-D input; the module, the same params, and a report."""
     func = mod["main"]
