@@ -113,7 +113,8 @@ def cyclefc_te(x: te.Tensor, weight_t: te.Tensor, bias: te.Tensor | None, kernel
     acc = _acc_dtype(x.dtype, accumulator)
     shifted = _shifted(x, kernel_size)
     xs = te.compute((n, h, w, c), (lambda *i: shifted(*i).astype(acc)) if widen else shifted, name="shift")
-    wt = te.compute(weight_t.shape, lambda k, oo: weight_t[k, oo].astype(acc), name="widened_weight") if widen else weight_t
+    wt = (te.compute(weight_t.shape, lambda k, oo: weight_t[k, oo].astype(acc), name="widened_weight")
+          if widen and weight_t.dtype != acc else weight_t)  # a copy in the same type would be work for nothing
     rk = te.reduce_axis((0, c), name="k")
     mm = te.compute(
         (n, h, w, o),
