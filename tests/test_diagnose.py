@@ -44,7 +44,7 @@ class _WrongEpsilon(relax.PyExprMutator):
         return call
 
 
-def wrong_layer_norm_epsilon(mod, params, target, dtype, keep):
+def wrong_layer_norm_epsilon(mod, params, target, dtype, keep, accumulator):
     """A deliberately wrong rewrite: the third LayerNorm gets epsilon 10 (the model's is 1e-6)."""
     rewriter = _WrongEpsilon(mod)
     main = rewriter.visit_expr(mod["main"])
