@@ -117,8 +117,10 @@ def test_arm_fma_loops_do_not_spill_and_keep_the_fma_pipes_busy(model, target, f
 
 
 @pytest.mark.parametrize("kernel,stride,padding,channels,fp16", [
-    (7, 4, 2, 64, False), (7, 7, 0, 768, False), (7, 7, 0, 768, True), (8, 8, 0, 768, False)],
-    ids=["cyclemlp-stem", "convmixer-stem", "convmixer-stem-fp16", "resmlp-big-stem"])
+    (7, 4, 2, 64, False), (7, 7, 0, 768, False), (7, 7, 0, 768, True), (8, 8, 0, 768, False),
+    (14, 14, 0, 1024, False), (14, 14, 0, 1024, True)],
+    ids=["cyclemlp-stem", "convmixer-stem", "convmixer-stem-fp16", "resmlp-big-stem", "convmixer-p14-stem",
+         "convmixer-p14-stem-fp16"])
 def test_a_conv_over_three_channels_does_not_spill(kernel, stride, padding, channels, fp16, tmp_path):
     """A patch embedding over RGB: no reduction axis (3 channels, 7 rows, 7 columns) divides by 4 to read the tile
     rows as vectors. CycleMLP's 7x7/s4 windows overlap along kx: there LLVM kept an 8-row tile's 35 input values live
@@ -128,7 +130,9 @@ def test_a_conv_over_three_channels_does_not_spill(kernel, stride, padding, chan
     loads them one by one (a by-element fmla .8h reads v0-v15 only), so there they are broadcasts (8x3, not 8x2: 0.62
     -> 0.70 fmla per instruction). ResMLP-big's 8x8
     patches: kx = 2 steps of 4, a loop LLVM unrolled whole, loading both steps' row vectors (9 stack accesses per
-    loop); it is fused with ky now."""
+    loop); it is fused with ky now. ConvMixer-1024's 14x14 patches: kx = 3 steps of 4, which LLVM unrolls whole, and a
+    partial one: the tile counts all four steps' row vectors (read as 2-wide vectors, 0.68 fmla per instruction;
+    sized for one step, 66 stack accesses per loop in float16)."""
     needs_arm_tools()
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(3, channels, kernel, stride=stride, padding=padding)

@@ -62,9 +62,9 @@ PANEL_MIN_ROW_TILES = 8
 MAX_SLIDE_UNROLL = 16
 
 # LLVM's aarch64 backend unrolls a loop of this many unrolled-K tile steps or fewer whole, loading every step's row
-# vectors at once (seen at 2 and 3 steps, not at 4): such a loop is fused with the reduction loop outside it, and a
-# reduction is split into full steps and a partial one only when more full steps remain (ConvMixer-1024's 14x14
-# patches, 3 steps of 4 and a partial one, spilled 66 in float16).
+# vectors at once (seen at 2 and 3 steps, not at 4): such a loop is fused with the reduction loop outside it, or, when
+# a partial step follows it, its tile counts every step's row vectors (ConvMixer-1024's 14x14 patches, 3 steps of 4
+# and a partial one: sized as one step, that tile spilled 66 per loop in float16).
 LLVM_UNROLLED_STEPS = 3
 
 # A block annotated with this copies a weight into the layout a kernel reads (relax SplitLayoutRewritePreproc).
@@ -242,7 +242,7 @@ class Contraction(CPURule):
         k_unroll = 1 if not reduce_ or slide is not None else pow2_divisor(int(reduce_[-1].dom.extent), isa.k_unroll)
         k_tail = 0  # reduction steps after the last full unroll, run as a loop of their own
         if (isa.row_registers and reduce_ and slide is None and k_unroll < isa.k_unroll
-                and int(reduce_[-1].dom.extent) // isa.k_unroll > LLVM_UNROLLED_STEPS
+                and int(reduce_[-1].dom.extent) >= 2 * isa.k_unroll
                 and any(op.strides[v_iv.var] == 0 and op.strides[reduce_[-1].var] == 1 for op in operands)):
             # Rows contiguous along a reduction that does not divide by the unroll (Mixer-S/32's token MLP, 49 tokens):
             # unrolled over its largest multiple, the rest after it, as MLAS's kernels do. Unrolled by 1, each row's
@@ -263,9 +263,11 @@ class Contraction(CPURule):
                 # ConvMixer's 7x7/s7 stem, 8x2 with 8 ldr h per 16 fmla, 0.62 fmla per instruction)
                 tile_isa = replace(isa, k_unroll=1, row_registers=False)
         rows_read_along = reduce_[-1].var if isa.row_registers and reduce_ else None
+        full_steps = int(reduce_[-1].dom.extent) // k_unroll if reduce_ and k_unroll > 1 else 0  # (+ the partial one)
         mr, nv = gemm_tiles(u_ext, v_ext, vec, cpu_vector_registers(target), acc_bytes, tile_isa,
                             MAX_STACK_ALLOCA_BYTES - 1 if streams_weight else None,
-                            int(slide.dom.extent) if slide is not None else 0)
+                            int(slide.dom.extent) if slide is not None else 0,
+                            full_steps + 1 if k_tail and full_steps <= LLVM_UNROLLED_STEPS else 1)
         tile = {v_iv.var: nv * vec if w_iv is None else vec}
         if u_iv is not None:
             tile[u_iv.var] = mr

@@ -35,6 +35,9 @@ class CpuIsa:
     # fmla reads its element from v0-v15 only, so a tile that fits 32 registers in float32 spills in float16
     # (resmlp_12's 7x3 tile: 31 stack accesses per loop).
     half_spare_registers: int = 0
+    # The registers a by-element float16 FMA can read its element from (v0-v15 on aarch64), which hold every tile
+    # row's row vectors in a float16 tile; 0: any register.
+    half_element_registers: int = 0
     # The most vectors of its input rows (tile rows + kernel height - 1, times nv) a tile may read per step of a sliding
     # reduction (``contraction._sliding_reduction``), or None: LLVM loads them all ahead of the unrolled kernel rows.
     # On rpi5, ConvMixer's depthwise convs: 7x7 at 8x2 (28) and 9x9 at 4x2 (24) spill nothing; 9x9 at 8x2 (32) spilled
@@ -44,6 +47,7 @@ class CpuIsa:
 
 CPU_ISA = {"avx512": CpuIsa(16, 32), "avx2": CpuIsa(8, 16), "sse": CpuIsa(4, 16),
            "neon": CpuIsa(4, 32, k_unroll=4, row_registers=True, guarded_tile_weight=0.5, half_spare_registers=1,
+                   half_element_registers=16,
                    slide_input_vectors=28)}
 # -mcpu -> ISA level; anything not listed falls back to -mattr, then to the triple.
 MCPU_ISA = {
@@ -104,7 +108,7 @@ def _divisors_desc(n: int, hi: int, lo: int = 1) -> list[int]:
 
 
 def gemm_tiles(m: int, n: int, vec: int, nregs: int, acc_bytes: int = 4, isa: CpuIsa | None = None,
-               max_tile_bytes: int | None = None, slide: int = 0) -> tuple[int, int]:
+               max_tile_bytes: int | None = None, slide: int = 0, row_vectors: int = 1) -> tuple[int, int]:
     """Register tile (mr, nv) for a GEMM-like loop nest with ``vec``-lane vectors along ``n``: mr rows of
     ``m`` (broadcast operand) by nv vectors (vector operand), for the default CPU rules.
 
@@ -118,7 +122,9 @@ def gemm_tiles(m: int, n: int, vec: int, nregs: int, acc_bytes: int = 4, isa: Cp
     with ``isa.row_registers``) + 1 spare <= nregs, mr <= 16, nv <= 4 and dividing n / vec, and at most
     ``max_tile_bytes`` of accumulators (``MAX_STACK_ALLOCA_BYTES`` says when); else the registers alone bound the
     tile (``CPU_ACC_SCOPE``). ``slide``: the kernel height of a sliding reduction the tile rows share input rows along
-    (0: none), bounding the rows by ``isa.slide_input_vectors``.
+    (0: none), bounding the rows by ``isa.slide_input_vectors``. ``row_vectors``: the vectors each row's values take
+    (with ``isa.row_registers``; more than 1 where LLVM unrolls several K steps at once), which in a float16 tile must
+    fit ``isa.half_element_registers``.
     """
     isa = isa or CPU_ISA["avx512"]
     row_registers = isa.row_registers
@@ -127,11 +133,13 @@ def gemm_tiles(m: int, n: int, vec: int, nregs: int, acc_bytes: int = 4, isa: Cp
     nvec = max(1, n // vec)
     best = None
     for nv in _divisors_desc(nvec, 4):
-        per_row = nv + 1 if row_registers else nv  # registers one more tile row takes
+        per_row = nv + row_vectors if row_registers else nv  # registers one more tile row takes
         mr_max = min((nregs - 1 - nv - (0 if row_registers else 1)) // per_row, MAX_TILE_ROWS, max(m, 1),
                      (max_tile_bytes // (vec * acc_bytes) if max_tile_bytes else nregs) // nv)
         if slide and isa.slide_input_vectors:
             mr_max = min(mr_max, isa.slide_input_vectors // nv - slide + 1)
+        if row_registers and acc_bytes < 4 and isa.half_element_registers:
+            mr_max = min(mr_max, (isa.half_element_registers - isa.half_spare_registers) // row_vectors)
         for mr in range(mr_max, 0, -1):
             if m % mr and mr * nv * vec * acc_bytes >= MAX_STACK_ALLOCA_BYTES:
                 continue  # past the old limit only unguarded: a guarded tile loses the packed weight panel too
