@@ -330,7 +330,7 @@ def _schedule_cpu_row_vectors(func: tirx.PrimFunc, target: tvm.target.Target, ti
     for name in {"scaled_weight", "widened_weight"} & names:  # once per call: parallel over its rows, vectors along O
         *rows_, so = sch.get_loops(sch.get_sblock(name))
         sch.parallel(sch.fuse(*rows_) if len(rows_) > 1 else rows_[0])
-        so_o, so_l = sch.split(so, [None, vec])
+        _, so_l = sch.split(so, [None, vec])
         sch.vectorize(so_l)
     return sch.mod["main"]
 
