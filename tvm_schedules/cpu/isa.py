@@ -158,7 +158,7 @@ def cpu_tiles(
     """Register tile (mr, nv, vec): mr rows (extent ``w``) by nv vectors of vec lanes (extent ``o``).
 
     * vec: the largest power of two <= ``lanes`` that divides O (O=64 -> 16, O=100 -> 4, O=11 -> 1);
-    * registers: mr*nv accumulators + nv weight vectors + 1 broadcast input + 1 spare (+ 1 with ``convert``) <= nregs, the tile
+    * registers: mr*nv accumulators + nv weight vectors + 1 broadcast input + 1 spare <= nregs, the tile
       under the 1 KiB stack limit (so at most 15 zmm accumulators on AVX-512), mr <= 16, nv <= 4;
     * nv divides O/vec; mr is the largest divisor of W in [mr_max/2, mr_max], or else mr_max, with the
       last tile of each row guarded (a predicate on the unrolled rows, never on the vector lanes);
@@ -174,10 +174,7 @@ def cpu_tiles(
     max_tile = max(1, (MAX_STACK_ALLOCA_BYTES - 1) // (vec * acc_bytes))
     best = None
     for nv in _divisors_desc(nvec, 4):
-        # converting takes one register more, for the value being widened (cyclemlp_b5's float16 token mixer on rpi5:
-        # 8x3 float32 accumulators, 3 weight and 3 scale vectors fill the 32 registers, 5-10 stack accesses per loop)
-        mr_max = min((nregs - 2 - nv * (2 if scaled else 1) - (1 if convert else 0)) // nv, max_tile // nv,
-                     MAX_TILE_ROWS, w)
+        mr_max = min((nregs - 2 - nv * (2 if scaled else 1)) // nv, max_tile // nv, MAX_TILE_ROWS, w)
         if mr_max < 1:
             continue
         mrs = _divisors_desc(w, mr_max, (mr_max + 1) // 2)
