@@ -36,6 +36,7 @@ from tvm.s_tir import Schedule
 # (tvm_schedules/cpu/isa.py; CPU_ACC_SCOPE there says why an accumulator tile is "global", not "local").
 from .cpu.isa import CPU_ACC_SCOPE as _CPU_ACC_SCOPE
 from .cpu.common import pow2_divisor
+from .cpu.contraction import load_rows_as_vectors
 from .cpu.isa import cpu_isa_data, cpu_tiles, cpu_vector_lanes, cpu_vector_registers, gemm_tiles
 from .scheduled import mark_scheduled
 from .workload import contraction
@@ -311,15 +312,8 @@ def _schedule_cpu_row_vectors(func: tirx.PrimFunc, target: tvm.target.Target, ti
     sch.unroll(ki)
     for branch in reduction[:-1]:
         sch.unroll(branch)
-    # each row's k_unroll values: one small buffer per step that LLVM keeps as one register per row
-    reads = [r.source.name for r in sch.get(mm).reads]
-    rows = sch.cache_read(mm, reads.index(sch.get(shift).writes[0].source.name), _CPU_ACC_SCOPE)
-    depth = 1 + [sch.get(lp).same_as(sch.get(ko)) for lp in sch.get_loops(mm)].index(True)
-    sch.compute_at(rows, ko, preserve_unit_loops=True)
-    *row_loops, k_loop = sch.get_loops(rows)[depth:]
-    for loop in row_loops:
-        sch.unroll(loop)
-    sch.vectorize(k_loop)
+    _b, _y, _x, o_iter, *_, k_iter = sch.get(mm).iter_vars  # as its loops: (b, y, x, o, [j,] k)
+    load_rows_as_vectors(sch, mm, o_iter.var, k_iter.var, ko)  # the shifted rows, as the default CPU rules read theirs
     sch.decompose_reduction(mm, (reduction[:-1] or [ko])[0])
     ex, eo = sch.get_loops(out)[-2:]
     eov, eol = sch.split(eo, [None, vec])

@@ -25,8 +25,8 @@ from ..tvm_targets import to_tvm_target
 # the TVM target kinds it runs for (None: all). Applied to every model, in order, before ToMixedPrecision: a kernel a
 # pass puts in computes in the dtype it is given (float16 in --fp16), accumulating float16 in the target's
 # accumulator (TargetSpec.float16_accumulator), as ToMixedPrecision's convs and matmuls do; a site with a binding in
-# ``keep`` (kept in float32) is left for keep_float32. The token mixer's pass first: it reads the CycleFC sites it fuses in their export form; the
-# transposes around a token MLP cancel once its chain runs unflattened. Those two run for every target: fewer launches
+# ``keep`` (kept in float32) is left for keep_float32. The token mixer's pass first: it reads the CycleFC sites it
+# fuses in their export form; the transposes around a token MLP cancel once its chain runs unflattened. Those two run for every target: fewer launches
 # on CUDA; on the x86 host (2 threads, Zen 5, quiet, interleaved, both against neither) gmlp_s16_224 0.87x and
 # gmlp_ti16_224 0.89x the time, mixer_s16_224 0.97x, mixer_b16_224 0.98x, resmlp_12_224 and mixer_b32_224 1.01x.
 GRAPH_PASSES = ((fold_batch_norm, None), (fuse_cycle_token_mixer, MIXER_TARGET_KINDS), (rewrite_cyclefc, None),

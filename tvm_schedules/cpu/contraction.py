@@ -106,6 +106,39 @@ def _pure_index_dim(load, var: tirx.Var) -> int | None:
     return None
 
 
+def load_rows_as_vectors(sch, main, v, k, k_outer) -> None:
+    """Copy the broadcast operand's k_unroll values of each tile row of block ``main`` (the block's iter vars ``v``
+    along the tile's vectors, ``k`` along the reduction, by name) into a small "global" buffer per step
+    of ``k_outer`` (a vector copy, when the operand is contiguous along ``k``): LLVM keeps the
+    buffer in registers, one vector per row, and its FMAs read them by lane (``fmla v.4s, v.4s, v.s[i]``)
+    instead of loading each scalar again (28 ``ldr s`` per 56 fmla in mixer_s16's 7x2 rpi5 tile)."""
+    block = sch.get(main)
+    store, loads = match_mac(block)
+    var = {iv.var.name: iv.var for iv in block.iter_vars}
+    v, k = var[v.name], var[k.name]
+    for load in loads:
+        strides = (access_stride(load.indices, buffer_shape(load.source), v),
+                   access_stride(load.indices, buffer_shape(load.source), k))
+        if strides != (0, 1):  # a weight in row panels (contiguous along rows) is read as it is
+            continue
+        read_index = next(i for i, r in enumerate(block.reads) if r.source.same_as(load.source))
+        rows = sch.cache_read(main, read_index, CPU_ACC_SCOPE)
+        depth = 1 + [sch.get(lp).same_as(sch.get(k_outer)) for lp in sch.get_loops(main)].index(True)
+        sch.compute_at(rows, k_outer, preserve_unit_loops=True)
+        # the copy's loop along k innermost: a weight's unit dims (a 1x1 conv's [o, c, 1, 1]) left it outside a
+        # vectorized unit loop, and its 4 values were loaded one by one (ConvMixer's 1x1 convs on rpi5: 32 ldr s
+        # per 64 fmla, 0.60 fmla per instruction)
+        loops = sch.get_loops(rows)[depth:]  # compute_at made one per dim of the operand, in order
+        k_dim = _pure_index_dim(load, k)
+        inner = loops[k_dim] if k_dim is not None else loops[-1]
+        row_loops = [lp for lp in loops if not sch.get(lp).same_as(sch.get(inner))]
+        sch.reorder(*row_loops, inner)
+        for loop in row_loops:
+            sch.unroll(loop)
+        sch.vectorize(inner)
+        return
+
+
 def _in_loop_order(dims: list[int], indices, reduce_order) -> list[int]:
     """``dims`` with those indexed by exactly one of ``reduce_order``'s vars permuted among their own places into
     that order (the others stay where they are)."""
@@ -302,8 +335,7 @@ class Contraction(CPURule):
         if k_unroll > 1:  # unrolled inside the tile loops, so each row's broadcasts load as one vector
             reduce_loops[-1:] = sch.split(reduce_loops[-1], [None, k_unroll])
             sch.unroll(reduce_loops[-1])
-            if (isa.row_registers and not k_tail and len(reduce_loops) > 2
-                    and int(reduce_[-1].dom.extent) // k_unroll <= LLVM_UNROLLED_STEPS):
+            if isa.row_registers and not k_tail and len(reduce_loops) > 2 and full_steps <= LLVM_UNROLLED_STEPS:
                 # resmlp_big_24's 8x8 patch conv (kx = 2 steps of 4) held 14 row vectors beside its 7x3 tile: 9 stack
                 # accesses per loop on rpi5. Fused with the reduction loop outside it, the loop is too long to unroll.
                 reduce_loops[-3:-1] = [sch.fuse(reduce_loops[-3], reduce_loops[-2])]
@@ -321,11 +353,10 @@ class Contraction(CPURule):
             sch.unroll(tile_loops[0])
         if k_tail:  # the last, partial step in a loop of its own, so the full steps' loop has no guard
             sch.decompose_reduction(main, reduce_loops[0])  # first: loop_partition crashes on a loop holding a copy
-            reduce_loops[-2], _partial = sch.loop_partition(reduce_loops[-2],
-                                                            [int(reduce_[-1].dom.extent) // k_unroll, None])
+            reduce_loops[-2], _partial = sch.loop_partition(reduce_loops[-2], [full_steps, None])
             (main,) = sch.get_child_blocks(reduce_loops[-2])  # the full steps' update; the partial one is a copy
         if k_unroll > 1 and isa.row_registers:
-            self._load_rows_as_vectors(sch, main, v_iv.var, reduce_[-1].var, reduce_loops[-2])
+            load_rows_as_vectors(sch, main, v_iv.var, reduce_[-1].var, reduce_loops[-2])
         if reduce_ and not k_tail:
             sch.decompose_reduction(main, reduce_loops[0])
         self._schedule_epilogue(sch, epilogue, lanes, match_mac(sch.get(main))[0].buffer)
@@ -406,7 +437,7 @@ class Contraction(CPURule):
     @staticmethod
     def _rows_read_along_last(reduce_, operands, v, k_unroll: int):
         """The reduction iters in loop order, with the one the tile rows are read along (as vectors of ``k_unroll``
-        values, ``_load_rows_as_vectors``) last: the last one when its extent divides by ``k_unroll``, else the
+        values, ``load_rows_as_vectors``) last: the last one when its extent divides by ``k_unroll``, else the
         first that does and that indexes one dim of every broadcast operand (a strided 3x3 conv: the input channels,
         not kw = 3, whose rows would be loaded scalar by scalar and spill: 18 stack accesses per loop in
         cyclemlp_b1's downsampling convs on rpi5)."""
@@ -505,37 +536,6 @@ class Contraction(CPURule):
             sch.transform_layout(main, ("read", read_index), panels)
             return
 
-    @staticmethod
-    def _load_rows_as_vectors(sch, main, v, k, k_outer) -> None:
-        """Copy the broadcast operand's k_unroll values of each tile row into a small "global" buffer per step
-        of ``k_outer`` (a vector copy, when the operand is contiguous along ``k``): LLVM keeps the
-        buffer in registers, one vector per row, and its FMAs read them by lane (``fmla v.4s, v.4s, v.s[i]``)
-        instead of loading each scalar again (28 ``ldr s`` per 56 fmla in mixer_s16's 7x2 rpi5 tile)."""
-        block = sch.get(main)
-        store, loads = match_mac(block)
-        var = {iv.var.name: iv.var for iv in block.iter_vars}
-        v, k = var[v.name], var[k.name]
-        for load in loads:
-            strides = (access_stride(load.indices, buffer_shape(load.source), v),
-                       access_stride(load.indices, buffer_shape(load.source), k))
-            if strides != (0, 1):  # a weight in row panels (contiguous along rows) is read as it is
-                continue
-            read_index = next(i for i, r in enumerate(block.reads) if r.source.same_as(load.source))
-            rows = sch.cache_read(main, read_index, CPU_ACC_SCOPE)
-            depth = 1 + [sch.get(lp).same_as(sch.get(k_outer)) for lp in sch.get_loops(main)].index(True)
-            sch.compute_at(rows, k_outer, preserve_unit_loops=True)
-            # the copy's loop along k innermost: a weight's unit dims (a 1x1 conv's [o, c, 1, 1]) left it outside a
-            # vectorized unit loop, and its 4 values were loaded one by one (ConvMixer's 1x1 convs on rpi5: 32 ldr s
-            # per 64 fmla, 0.60 fmla per instruction)
-            loops = sch.get_loops(rows)[depth:]  # compute_at made one per dim of the operand, in order
-            k_dim = _pure_index_dim(load, k)
-            inner = loops[k_dim] if k_dim is not None else loops[-1]
-            row_loops = [lp for lp in loops if not sch.get(lp).same_as(sch.get(inner))]
-            sch.reorder(*row_loops, inner)
-            for loop in row_loops:
-                sch.unroll(loop)
-            sch.vectorize(inner)
-            return
 
     @staticmethod
     def _choose_row_axis(spatial, v_iv, operands, out_strides):
